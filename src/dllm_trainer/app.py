@@ -1,0 +1,475 @@
+"""One training job from start to finish, standalone or inside Transformer Lab.
+
+    main(argv)            parses the harness arguments (--input_file ... --experiment_name ...) or a
+                          standalone `--config FILE.json [--set key=value ...]`, builds the reporter
+                          and the config, and calls run_job. Returns the exit code.
+    run_job(cfg, rep)     resolves the model/dataset names, checks that nothing will be overwritten,
+                          writes the validated config to <output_dir>/dllm_config.json, launches the
+                          accelerate workers (launcher.py), streams their output, polls for a stop
+                          request, and on success fuses the LoRA adaptor (or takes the full
+                          fine-tune), writes the model card + metadata, and registers the model.
+
+Reporters: `StandaloneReporter` (prints; the final model goes to <output_dir>/models/<name>/) and
+`tlab.TransformerLabReporter` (the Transformer Lab job: progress, status, Foundation tab).
+
+Errors: a UserError anywhere (bad config value, a dataset the workers cannot read, ...) ends the
+job with one clear line `[dllm-error] ...`, a non-zero exit code and, in Transformer Lab, status
+FAILED with that reason. Anything unexpected prints one line and writes the traceback to
+<output_dir>/debug.log.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import netrc
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+from .config import APP_KEYS, TrainConfig, load_config_file
+from .errors import ConfigError, UserError, report_unexpected_error, report_user_error
+
+CONFIG_FILE_NAME = "dllm_config.json"
+METRICS_FILE_NAME = "metrics.json"
+TRAIN_PROGRESS_SHARE = 95  # percent of the progress bar for the training steps; the rest is fusing/registering
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporters
+# ---------------------------------------------------------------------------------------------
+
+
+class StandaloneReporter:
+    """Outside Transformer Lab: everything goes to stdout; the model stays under output_dir."""
+
+    name = "standalone"
+
+    def __init__(self, log: Callable[[str], Any] = print):
+        self.log = log
+        self._root: str | None = None
+
+    def progress(self, percent: float) -> None:
+        pass  # the metrics lines already show step/max_steps
+
+    def metrics(self, metrics: dict) -> None:
+        pass
+
+    def training_started(self, cfg: TrainConfig) -> None:
+        self._root = cfg.output_dir
+        self.log(f"[dllm] TensorBoard: tensorboard --logdir {cfg.output_dir}")
+
+    def should_stop(self) -> bool:
+        return False  # Ctrl-C, or create <output_dir>/STOP for a clean stop with a checkpoint
+
+    def checkpoint(self, path: str, step: int) -> None:
+        pass
+
+    def checkpoint_to_resume(self) -> str | None:
+        return None
+
+    def secret(self, name: str) -> str | None:
+        return None
+
+    def resolve_model(self, name: str) -> str | None:
+        return None
+
+    def resolve_dataset(self, name: str) -> str | None:
+        return None
+
+    def model_location(self, model_id: str, output_dir: str | None = None) -> str:
+        return os.path.join(output_dir or self._root or ".", "models", model_id)
+
+    def check_model_name(self, model_id: str, output_dir: str | None = None) -> None:
+        final = self.model_location(model_id, output_dir)
+        if os.path.lexists(final):
+            raise ConfigError(
+                f"a model named '{model_id}' already exists at {final}; choose another adaptor_name or "
+                "output_dir, or delete it first"
+            )
+
+    def register_model(self, staging_dir: str, model_id: str, **_: Any) -> str:
+        self.check_model_name(model_id)
+        final = self.model_location(model_id)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.rename(staging_dir, final)
+        return final
+
+    def complete(self, message: str, score: dict) -> None:
+        self.log(f"[dllm] done: {message}")
+
+    def fail(self, reason: str) -> None:
+        pass  # the error line itself is printed by the caller
+
+    def stopped(self, message: str) -> None:
+        self.log(f"[dllm] stopped: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _local_path(name: str) -> str | None:
+    p = os.path.expanduser(name.strip())
+    return os.path.abspath(p) if name.strip() and os.path.exists(p) else None
+
+
+def resolve_sources(cfg: TrainConfig, reporter) -> TrainConfig:
+    """Workspace entries first, then local paths, then Hub ids; every local path made absolute
+    (the workers run in output_dir)."""
+    model = reporter.resolve_model(cfg.model_name) or _local_path(cfg.model_name) or cfg.model_name.strip()
+    dataset = reporter.resolve_dataset(cfg.dataset_name) or _local_path(cfg.dataset_name) or cfg.dataset_name.strip()
+    changes: dict[str, Any] = {
+        "model_name": model,
+        "dataset_name": dataset,
+        "output_dir": os.path.abspath(os.path.expanduser(cfg.output_dir)),
+    }
+    if cfg.adaptor_output_dir.strip():
+        changes["adaptor_output_dir"] = os.path.abspath(os.path.expanduser(cfg.adaptor_output_dir))
+    if cfg.accelerate_config_file.strip():
+        changes["accelerate_config_file"] = os.path.abspath(os.path.expanduser(cfg.accelerate_config_file))
+    spec = cfg.resume_from_checkpoint.strip()
+    if spec and spec != "latest":
+        changes["resume_from_checkpoint"] = os.path.abspath(os.path.expanduser(spec))
+    return cfg.replace(**changes)
+
+
+def _nonempty_dir(path: str) -> bool:
+    return os.path.isdir(path) and any(True for _ in os.scandir(path))
+
+
+def _finite(metrics: dict) -> dict:
+    return {k: v for k, v in (metrics or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and (not isinstance(v, float) or math.isfinite(v))}
+
+
+def _architecture(model_dir: str) -> str:
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
+            archs = json.load(fh).get("architectures") or []
+        return archs[0] if archs else "Unknown"
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return "Unknown"
+
+
+def _fuse_dtype(model_path: str):
+    """Fuse in the base checkpoint's stored half precision when it has one, else float32."""
+    import torch
+
+    try:
+        with open(os.path.join(model_path, "config.json"), encoding="utf-8") as fh:
+            conf = json.load(fh)
+        stored = str(conf.get("dtype") or conf.get("torch_dtype") or "")
+    except (OSError, json.JSONDecodeError):
+        stored = ""
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(stored, torch.float32)
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    parsed = urlparse(url if "://" in url else f"https://{url}")
+    host = parsed.hostname
+    if not host:
+        return False
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _netrc_key(host: str) -> str | None:
+    try:
+        auth = netrc.netrc().authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return auth[2] if auth and auth[2] else None
+
+
+def wandb_environment(cfg: TrainConfig, secret: Callable[[str], str | None], *,
+                      reachable: Callable[[str], bool] = _reachable, run_name: str | None = None,
+                      environ: dict[str, str] | None = None) -> tuple[dict[str, str], str | None]:
+    """(variables for the workers, one warning or None). Never fails: without a key or without
+    network, W&B logs offline into <output_dir>/wandb (sync later with `wandb sync`). The key is
+    only ever passed through the workers' environment, never printed or written."""
+    if not cfg.log_to_wandb:
+        return {}, None
+    environ = os.environ if environ is None else environ
+    env = {"WANDB_DIR": cfg.output_dir, "WANDB_PROJECT": environ.get("WANDB_PROJECT") or "dllm_trainer"}
+    if run_name and not environ.get("WANDB_NAME"):
+        env["WANDB_NAME"] = run_name
+    mode = (environ.get("WANDB_MODE") or "").strip().lower()
+    if mode in ("offline", "dryrun", "disabled"):
+        return env, None
+    base_url = environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    key = environ.get("WANDB_API_KEY") or None
+    if not key:
+        key = secret("WANDB_API_KEY")
+        if key:
+            env["WANDB_API_KEY"] = key
+    if not key:
+        key = _netrc_key(urlparse(base_url).hostname or "api.wandb.ai")
+    offline_dir = os.path.join(cfg.output_dir, "wandb")
+    if not key:
+        env["WANDB_MODE"] = "offline"
+        return env, (f"[dllm] warning: log_to_wandb is on but no W&B API key was found (WANDB_API_KEY, a "
+                     f"WANDB_API_KEY secret, or `wandb login`); logging offline to {offline_dir} "
+                     "(upload later with `wandb sync`)")
+    if not reachable(base_url):
+        env["WANDB_MODE"] = "offline"
+        return env, (f"[dllm] warning: W&B ({base_url}) is not reachable; logging offline to {offline_dir} "
+                     "(upload later with `wandb sync`)")
+    return env, None
+
+
+def _write_json_atomic(path: str, data: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------
+
+
+def run_job(cfg: TrainConfig, reporter, *, gpu_count: int | None = None, poll_interval: float = 1.0,
+            log: Callable[[str], Any] = print) -> int:
+    """Run one job; returns the exit code (0 also for a requested stop). Never raises for job
+    failures: they are reported (reporter.fail) and printed as one line."""
+    debug_dir = os.path.abspath(os.path.expanduser(cfg.output_dir)) if cfg.output_dir else None
+    try:
+        return _run_job(cfg, reporter, gpu_count=gpu_count, poll_interval=poll_interval, log=log)
+    except UserError as e:
+        _quietly(reporter.fail, str(e))
+        return report_user_error(e)
+    except KeyboardInterrupt:
+        _quietly(reporter.stopped, "interrupted before the end of training")
+        print("[dllm] interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line here, the traceback in debug.log
+        code = report_unexpected_error(e, debug_dir)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        where = f" (traceback in {os.path.join(debug_dir, 'debug.log')})" if debug_dir else ""
+        _quietly(reporter.fail, f"unexpected {type(e).__name__}: {first}{where}")
+        return code
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - reporting a failure must not hide the failure
+        print(f"[dllm] warning: could not report to {getattr(fn, '__self__', fn).__class__.__name__}: {e}",
+              file=sys.stderr, flush=True)
+
+
+def _run_job(cfg: TrainConfig, reporter, *, gpu_count, poll_interval, log) -> int:
+    from . import export
+    from .launcher import WorkerFailed, build_launch, run_workers, worker_env
+    from .train import adaptor_dir_for
+
+    started = time.time()
+    user_cfg = cfg
+    cfg = resolve_sources(cfg, reporter)
+    model_id = cfg.adaptor_name
+    reporter.check_model_name(model_id, cfg.output_dir)
+    if cfg.lora and _nonempty_dir(adaptor_dir_for(cfg)):
+        raise ConfigError(
+            f"an adaptor named '{cfg.adaptor_name}' already exists at {adaptor_dir_for(cfg)}; "
+            "choose another adaptor_name, or delete it first"
+        )
+    if not cfg.resume_from_checkpoint.strip():
+        resume = reporter.checkpoint_to_resume()
+        if resume:
+            log(f"[dllm] resuming from checkpoint {resume}")
+            cfg = cfg.replace(resume_from_checkpoint=resume)
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    config_path = os.path.join(cfg.output_dir, CONFIG_FILE_NAME)
+    plan = build_launch(cfg, config_path, gpu_count=gpu_count)  # hardware errors before anything starts
+    _write_json_atomic(config_path, cfg.to_dict())
+    wandb_env, warning = wandb_environment(cfg, reporter.secret, run_name=f"{model_id}")
+    if warning:
+        log(warning)
+    log(f"[dllm] {cfg.training_method} training of {cfg.model_name} on {cfg.dataset_name}: {plan.description}; "
+        f"output in {cfg.output_dir}")
+    reporter.training_started(cfg)
+    reporter.progress(0)
+
+    def on_progress(step: int, max_steps: int) -> None:
+        reporter.progress(TRAIN_PROGRESS_SHARE * step / max(1, max_steps))
+
+    res = run_workers(
+        plan,
+        output_dir=cfg.output_dir,
+        env=worker_env(plan.env, wandb_env),
+        on_progress=on_progress,
+        on_metrics=reporter.metrics,
+        on_checkpoint=reporter.checkpoint,
+        should_stop=reporter.should_stop,
+        poll_interval=poll_interval,
+    )
+    if res.interrupted:
+        raise KeyboardInterrupt
+    result = res.result or {}
+    if res.stop_requested and (not res.ok or result.get("stopped") or not result):
+        return _stopped(reporter, res, log)
+    if not res.ok:
+        raise WorkerFailed(res.failure_reason())
+    if not result:
+        raise WorkerFailed("the training workers exited without reporting a result; see the log above")
+    if result.get("stopped"):  # a STOP file written by hand (standalone)
+        return _stopped(reporter, res, log)
+
+    metrics = _finite(result.get("metrics") or {})
+    metrics_path = os.path.join(cfg.output_dir, METRICS_FILE_NAME)
+    if not os.path.isfile(metrics_path):
+        _write_json_atomic(metrics_path, metrics)
+
+    if cfg.lora:
+        adaptor_dir = result.get("adaptor_dir") or adaptor_dir_for(cfg)
+        staging = os.path.join(cfg.output_dir, "fused_model")
+        log("[dllm] fusing the LoRA adaptor into the base model")
+        export.fuse_adaptor(cfg.model_name, adaptor_dir, staging, family_name=cfg.training_method,
+                            dtype=_fuse_dtype(cfg.model_name), trust_remote_code=cfg.trust_remote_code, log=log)
+    else:
+        adaptor_dir = None
+        staging = result.get("final_model_dir") or os.path.join(cfg.output_dir, "final_model")
+    reporter.progress(TRAIN_PROGRESS_SHARE + 2)
+    meta = export.training_metadata(user_cfg, metrics, base_model=user_cfg.model_name, adaptor_dir=adaptor_dir)
+    meta["model_name"] = model_id
+    meta["train_seconds"] = round(time.time() - started, 1)
+    export.write_model_card(staging, meta, name=model_id)
+    final = reporter.register_model(staging, model_id, architecture=_architecture(staging),
+                                    base_model=user_cfg.model_name, meta=meta, config=user_cfg.to_dict())
+    log(f"[dllm] final model '{model_id}': {final}")
+    steps = metrics.get("global_step", res.step)
+    loss = metrics.get("loss")
+    summary = f"trained {steps} steps" + (f", final loss {loss:.4g}" if isinstance(loss, float) else "")
+    reporter.complete(f"{summary}; model '{model_id}' saved to {final}", metrics)
+    return 0
+
+
+def _stopped(reporter, res, log) -> int:
+    ckpts = [c for c in res.checkpoints if os.path.isdir(c)]
+    where = f"; checkpoint {ckpts[-1]} (continue with resume_from_checkpoint: latest)" if ckpts else "; no checkpoint was saved"
+    reporter.stopped(f"stopped at step {res.step}{where}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="main.py",
+        description="Diffusion LLM Trainer: one training job. Inside Transformer Lab the plugin harness passes "
+                    "--input_file/--experiment_name; standalone, give --config FILE.json.",
+    )
+    ap.add_argument("--config", help="standalone: a JSON job config (the manifest's keys plus model_name, dataset_name, output_dir)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value (repeatable)")
+    ap.add_argument("--input_file", help="Transformer Lab: the job's input file ({experiment, config})")
+    ap.add_argument("--experiment_name", help="Transformer Lab: the experiment")
+    ap.add_argument("--job_id", help="Transformer Lab: the job (default: config.job_id of the input file)")
+    ap.add_argument("--plugin_dir", help=argparse.SUPPRESS)
+    ap.add_argument("--workspace_dir", help=argparse.SUPPRESS)
+    return ap
+
+
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got '{pair}'")
+        out[key.strip()] = value
+    return out
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: every worker is terminated before we exit."""
+
+
+def _install_sigterm() -> Callable[[], None]:
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, unknown = _parser().parse_known_args(argv)
+    restore = _install_sigterm()
+    try:
+        if args.input_file:
+            return _main_tlab(args)
+        if args.config:
+            return _main_standalone(args)
+        print("[dllm-error] give --config FILE.json (standalone) or --input_file FILE (Transformer Lab); "
+              "see --help", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        restore()
+
+
+def _main_standalone(args) -> int:
+    try:
+        cfg = load_config_file(args.config, _overrides(args.set))
+    except UserError as e:
+        return report_user_error(e)
+    return run_job(cfg, StandaloneReporter())
+
+
+def _main_tlab(args) -> int:
+    from .tlab import TransformerLabReporter
+
+    try:
+        with open(args.input_file, encoding="utf-8") as fh:
+            raw = json.load(fh)
+        config = raw.get("config") if isinstance(raw, dict) else None
+        if not isinstance(config, dict):
+            raise ConfigError(f"input file '{args.input_file}' has no 'config' object")
+        overrides = _overrides(args.set)
+    except (OSError, json.JSONDecodeError) as e:
+        return report_user_error(ConfigError(f"cannot read the input file '{args.input_file}': {e}"))
+    except UserError as e:
+        return report_user_error(e)
+
+    job_id = config.get("job_id") or args.job_id or os.environ.get("_TFL_JOB_ID")
+    try:
+        reporter = TransformerLabReporter(job_id, args.experiment_name)
+    except UserError as e:
+        return report_user_error(e)
+    except Exception as e:  # noqa: BLE001 - the SDK failed: nothing to report to
+        return report_unexpected_error(e, config.get("output_dir") or None)
+
+    known = set(TrainConfig.__dataclass_fields__)
+    ignored = sorted(k for k in config if k not in known and k not in APP_KEYS)
+    if ignored:
+        print(f"[dllm] note: ignoring config keys this trainer does not use: {', '.join(ignored)}", flush=True)
+    try:
+        cfg = TrainConfig.from_dict({**config, **overrides}, strict=False)
+    except UserError as e:
+        _quietly(reporter.fail, str(e))
+        return report_user_error(e)
+    except Exception as e:  # noqa: BLE001
+        code = report_unexpected_error(e, config.get("output_dir") or None)
+        _quietly(reporter.fail, f"unexpected {type(e).__name__}: {e}")
+        return code
+    return run_job(cfg, reporter)

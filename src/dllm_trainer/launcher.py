@@ -1,0 +1,595 @@
+"""`accelerate launch` argument lists for the training workers, and streaming their output.
+
+Two halves:
+
+- `build_launch(cfg, config_json)` turns the hardware settings of a job into the argument list of
+  ONE `accelerate launch` command (never a shell string) plus the environment the workers need.
+  Everything that can be wrong about the hardware (no GPU for `cuda`, a GPU id that does not
+  exist, a missing accelerate config file, 4-bit without CUDA, TPU without torch_xla) raises
+  `ConfigError` here, before any process starts.
+- `run_workers(plan, ...)` starts that command, copies the workers' output line by line to our
+  own stdout/stderr as it arrives (the live log), parses the `[dllm-event]` lines (progress,
+  metrics, checkpoints, the final result), remembers the `[dllm-error]` lines and the last lines
+  of output, writes `<output_dir>/STOP` when a stop is requested, and makes sure no worker
+  outlives the job (every descendant process is tracked and terminated when the launcher ends,
+  fails, or is interrupted).
+
+How accelerate is driven:
+
+    cuda, 1 GPU         --num_processes 1 --num_machines 1 --gpu_ids G
+    cuda, n > 1 GPUs    --multi_gpu --num_processes n [--gpu_ids ...]      (torchrun, NCCL)
+    cpu, 1 process      --cpu --num_processes 1
+    cpu, n > 1          --multi_gpu --num_processes n, with CUDA hidden    (torchrun, gloo)
+    tpu                 --tpu --main_training_function worker_main
+    multi-node          + --num_machines M --machine_rank R --main_process_ip IP --main_process_port P
+    config file         --config_file F (its distributed type wins: no --multi_gpu, no precision flags)
+
+`accelerate launch --cpu --num_processes n` starts a single process unless an MPI hostfile is
+given, so several CPU workers go through accelerate's torchrun path with every GPU hidden; the
+workers then run accelerate's MULTI_CPU mode with the gloo backend (the Trainer is built with
+`use_cpu=True` for train_device cpu).
+"""
+from __future__ import annotations
+
+import codecs
+import collections
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, TextIO
+
+from .callbacks import EVENT_PREFIX, STOP_FILE, parse_event
+from .config import TrainConfig
+from .errors import ERROR_PREFIX, ConfigError, UserError
+
+WORKER_MODULE = "dllm_trainer.train"
+LAUNCH_MODULE = "accelerate.commands.launch"
+_GPU_LIST_RE = re.compile(r"^\s*\d+\s*(,\s*\d+\s*)*$")
+
+
+class WorkerFailed(UserError):
+    """The training workers ended with an error; the message is the workers' own reason."""
+
+
+@dataclass
+class LaunchPlan:
+    argv: list[str]  # the full command: [python, -m, accelerate.commands.launch, ..., --config-json, FILE]
+    env: dict[str, str]  # variables set (or, with value None, removed) on top of os.environ
+    num_processes: int  # processes on this machine
+    world_size: int  # processes over all machines
+    description: str  # one line for the log
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the command
+# ---------------------------------------------------------------------------------------------
+
+
+def visible_gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - a broken CUDA install reads as "no GPU"
+        return 0
+
+
+def parse_gpu_ids(spec: str) -> list[int] | None:
+    """None for 'auto'; else the listed ids. ConfigError for malformed lists and duplicates."""
+    text = (spec or "").strip()
+    if text in ("", "auto"):
+        return None
+    if not _GPU_LIST_RE.match(text):
+        raise ConfigError(f"gpu_ids must be 'auto' or a comma-separated list of GPU indices such as 0,2, got '{spec}'")
+    ids = [int(x) for x in text.split(",")]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ConfigError(f"gpu_ids lists GPU {', '.join(map(str, dupes))} more than once ('{spec}')")
+    return ids
+
+
+def _physical_ids(ids: list[int], env: dict[str, str]) -> list[str]:
+    """accelerate sets CUDA_VISIBLE_DEVICES from --gpu_ids; when we already run under a
+    CUDA_VISIBLE_DEVICES list, index i means the i-th entry of that list, not physical GPU i."""
+    current = env.get("CUDA_VISIBLE_DEVICES")
+    if current is None or not current.strip():
+        return [str(i) for i in ids]
+    entries = [e.strip() for e in current.split(",") if e.strip()]
+    return [entries[i] if i < len(entries) else str(i) for i in ids]
+
+
+def build_launch(
+    cfg: TrainConfig,
+    config_json: str,
+    *,
+    gpu_count: int | None = None,
+    python: str | None = None,
+    base_env: dict[str, str] | None = None,
+    tpu_available: bool | None = None,
+) -> LaunchPlan:
+    """The `accelerate launch` command for this job; ConfigError for impossible hardware settings.
+
+    gpu_count / tpu_available / base_env default to what this machine has (tests pass them)."""
+    base_env = dict(os.environ if base_env is None else base_env)
+    python = python or sys.executable
+    machines = cfg.num_machines
+    if cfg.machine_rank >= machines:
+        raise ConfigError(f"machine_rank must be below num_machines ({machines}), got {cfg.machine_rank}")
+    if machines > 1 and not cfg.main_process_ip.strip():
+        raise ConfigError("main_process_ip is required when num_machines > 1 (the address of the rank-0 machine)")
+
+    config_file = cfg.accelerate_config_file.strip()
+    if config_file:
+        config_file = os.path.abspath(os.path.expanduser(config_file))
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"accelerate_config_file '{cfg.accelerate_config_file}' does not exist")
+
+    args: list[str] = []
+    env: dict[str, str | None] = {}
+    ids = parse_gpu_ids(cfg.gpu_ids)
+
+    if cfg.load_in_4bit and cfg.train_device != "cuda":
+        raise ConfigError(f"load_in_4bit needs train_device 'cuda' (bitsandbytes 4-bit runs on CUDA GPUs), got '{cfg.train_device}'")
+
+    if cfg.train_device == "cuda":
+        visible = visible_gpu_count() if gpu_count is None else gpu_count
+        if visible == 0:
+            raise ConfigError(
+                "train_device is 'cuda' but no CUDA GPU is visible"
+                + (" (load_in_4bit needs one too)" if cfg.load_in_4bit else "")
+                + "; use train_device 'cpu', or check the GPU driver and CUDA_VISIBLE_DEVICES"
+            )
+        if ids is None:
+            selected = list(range(visible))
+        else:
+            missing = [i for i in ids if i >= visible]
+            if missing:
+                raise ConfigError(
+                    f"gpu_ids '{cfg.gpu_ids}' names GPU {', '.join(map(str, missing))} but only {visible} "
+                    f"GPU{'s are' if visible != 1 else ' is'} visible (ids 0..{visible - 1})"
+                )
+            selected = ids
+        per_machine = len(selected)
+        world = per_machine * machines
+        explicit_ids = ids is not None
+        if config_file and not explicit_ids:
+            # The accelerate config decides processes and GPUs (FSDP / DeepSpeed layouts).
+            args += ["--config_file", config_file, "--num_machines", str(machines)]
+            desc = f"CUDA via accelerate config {config_file}"
+        else:
+            if config_file:
+                args += ["--config_file", config_file]
+            elif world > 1:
+                args += ["--multi_gpu"]
+            args += ["--num_processes", str(world), "--num_machines", str(machines)]
+            if explicit_ids or base_env.get("CUDA_VISIBLE_DEVICES"):
+                args += ["--gpu_ids", ",".join(_physical_ids(selected, base_env))]
+            desc = f"{per_machine} GPU{'s' if per_machine != 1 else ''} ({','.join(map(str, selected))})"
+    elif cfg.train_device == "cpu":
+        per_machine = cfg.num_processes
+        world = per_machine * machines
+        if world == 1:
+            args += ["--cpu", "--num_processes", "1", "--num_machines", "1"]
+        else:
+            # torchrun path with CUDA hidden: MULTI_CPU / gloo in the workers (see module docstring)
+            args += ["--multi_gpu", "--num_processes", str(world), "--num_machines", str(machines)]
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        env["ACCELERATE_USE_CPU"] = "true"
+        if "OMP_NUM_THREADS" not in base_env:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // per_machine))
+        if config_file:
+            args = ["--config_file", config_file] + args
+        desc = f"{per_machine} CPU process{'es' if per_machine != 1 else ''}"
+    elif cfg.train_device == "tpu":
+        if tpu_available is None:
+            import importlib.util
+
+            tpu_available = importlib.util.find_spec("torch_xla") is not None
+        if not tpu_available:
+            raise ConfigError("train_device 'tpu' needs torch_xla, which is not installed in this environment")
+        if machines > 1 and not config_file:
+            raise ConfigError("multi-machine TPU training needs an accelerate_config_file describing the TPU pod")
+        per_machine = world = 1  # xmp.spawn starts one process per TPU core by itself
+        if config_file:
+            args += ["--config_file", config_file]
+        args += ["--tpu", "--main_training_function", "worker_main"]
+        desc = "TPU"
+    else:  # pragma: no cover - the config validates the enum
+        raise ConfigError(f"train_device must be one of cuda, cpu, tpu, got '{cfg.train_device}'")
+
+    if machines > 1:
+        args += [
+            "--machine_rank", str(cfg.machine_rank),
+            "--main_process_ip", cfg.main_process_ip.strip(),
+            "--main_process_port", str(cfg.main_process_port),
+        ]
+        desc += f" on machine {cfg.machine_rank} of {machines} (rank 0 at {cfg.main_process_ip.strip()}:{cfg.main_process_port})"
+    elif world > 1:
+        args += ["--main_process_port", str(cfg.main_process_port)]
+    if not config_file and cfg.train_device != "tpu":
+        # Precision is set by the Trainer (bf16/fp16 arguments); these only silence accelerate's defaults warning.
+        args += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+
+    argv = [python, "-m", LAUNCH_MODULE, *args, "-m", WORKER_MODULE, "--config-json", config_json]
+    return LaunchPlan(argv=argv, env=env, num_processes=per_machine, world_size=world, description=desc)
+
+
+def worker_env(plan_env: dict[str, str | None], extra: dict[str, str] | None = None) -> dict[str, str]:
+    """os.environ + what the workers need: our package importable, unbuffered output, plan/extra vars."""
+    env = dict(os.environ)
+    import dllm_trainer
+
+    src = os.path.dirname(os.path.dirname(os.path.abspath(dllm_trainer.__file__)))
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if src not in parts:
+        env["PYTHONPATH"] = os.pathsep.join([src, *parts])
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("TQDM_MININTERVAL", "5")  # progress bars refresh every 5 s in the log, not 10x a second
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead rank aborts collectives instead of hanging
+    for key, value in {**plan_env, **(extra or {})}.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and streaming
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LaunchResult:
+    returncode: int
+    stop_requested: bool = False
+    interrupted: bool = False
+    result: dict | None = None  # the workers' `result` event
+    last_metrics: dict = field(default_factory=dict)
+    checkpoints: list[str] = field(default_factory=list)
+    error_lines: list[str] = field(default_factory=list)  # `[dllm-error]` messages, deduplicated, in order
+    tail: list[str] = field(default_factory=list)  # the last lines of output (both streams)
+    max_steps: int | None = None
+    step: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.interrupted
+
+    def failure_reason(self) -> str:
+        """The workers' own error message(s), else the most telling of the last output lines."""
+        if self.error_lines:
+            return "; ".join(self.error_lines[:3])
+        code = _describe_exit(self.returncode)
+        telling = _telling_line(self.tail)
+        if telling:
+            return f"the training workers failed ({code}): {telling}"
+        return f"the training workers failed ({code}) without an error message; see the log above"
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+_EXC_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)|Killed)\b:?(.*)$")
+
+
+def _telling_line(lines: list[str]) -> str:
+    for line in reversed(lines):
+        text = line.strip()
+        if _EXC_LINE.match(text) or "died with <Signals" in text or "exitcode" in text.replace(" ", "").lower():
+            return text[:500]
+    for line in reversed(lines):
+        if line.strip():
+            return line.strip()[:500]
+    return ""
+
+
+def _pump(stream, name: str, q: "queue.Queue[tuple[str, str | None]]") -> None:
+    """Read raw chunks and split on \\n and \\r (progress bars), so lines arrive as soon as written."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    fd = stream.fileno()
+    buf = ""
+    try:
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            buf += decoder.decode(chunk)
+            parts = re.split(r"\r\n|\n|\r", buf)
+            buf = parts.pop()
+            for part in parts:
+                q.put((name, part))
+        buf += decoder.decode(b"", final=True)
+        if buf:
+            q.put((name, buf))
+    except OSError:
+        pass
+    finally:
+        q.put((name, None))
+
+
+class _ProcessTree:
+    """The launcher and every process it starts. torchrun puts each worker in its own session,
+    so a process-group kill would miss them: we remember descendants as they appear and signal
+    each one (psutil guards against PID reuse)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.known: dict[int, object] = {}
+        try:
+            import psutil
+
+            self._psutil = psutil
+            self._root = psutil.Process(proc.pid)
+        except Exception:  # noqa: BLE001 - psutil missing: fall back to the process group
+            self._psutil = None
+            self._root = None
+
+    def refresh(self) -> None:
+        if self._root is None:
+            return
+        try:
+            for child in self._root.children(recursive=True):
+                self.known.setdefault(child.pid, child)
+        except Exception:  # noqa: BLE001 - the launcher may just have exited
+            pass
+
+    def alive(self) -> list:
+        out = []
+        for p in list(self.known.values()):
+            try:
+                if p.is_running() and p.status() != self._psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except Exception:  # noqa: BLE001
+                pass
+        return out
+
+    def _wait(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and (self.proc.poll() is None or self.alive()):
+            time.sleep(0.05)
+
+    def terminate(self, grace: float = 10.0) -> None:
+        """SIGTERM the launcher (it forwards to its workers); after grace/2 SIGTERM every descendant
+        left; after grace SIGKILL whatever still runs."""
+        self.refresh()
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+            except OSError:
+                pass
+        self._wait(grace / 2)
+        for p in self.alive():
+            try:
+                p.terminate()
+            except Exception:  # noqa: BLE001
+                pass
+        self._wait(grace / 2)
+        for p in self.alive():
+            try:
+                p.kill()
+            except Exception:  # noqa: BLE001
+                pass
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                self.proc.kill()
+            except OSError:
+                pass
+        if self._root is None:  # no psutil: at least the launcher's own process group
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _format_metrics(ev: dict, max_steps: int | None) -> str:
+    step = ev.get("step")
+    keys = [k for k in ev if k not in ("event", "step")]
+    shown = []
+    for k in keys:
+        v = ev[k]
+        if isinstance(v, float):
+            shown.append(f"{k}={v:.4g}")
+        elif v is not None:
+            shown.append(f"{k}={v}")
+    of = f"/{max_steps}" if max_steps else ""
+    return f"[dllm] step {step}{of}: " + " ".join(shown)
+
+
+def run_workers(
+    plan: LaunchPlan,
+    *,
+    output_dir: str,
+    env: dict[str, str] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    on_metrics: Callable[[dict], None] | None = None,
+    on_checkpoint: Callable[[str, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    poll_interval: float = 1.0,
+    stop_grace: float = 600.0,
+    exit_grace: float = 15.0,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    tail_lines: int = 40,
+) -> LaunchResult:
+    """Run the launch command to completion, streaming its output; see the module docstring.
+
+    A stop request (should_stop() turning true) writes <output_dir>/STOP: the workers save a
+    checkpoint and exit on their own; after stop_grace seconds they are terminated. Ctrl-C / SIGTERM
+    (KeyboardInterrupt) terminates every worker at once and returns with interrupted=True.
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    env = env if env is not None else worker_env(plan.env)
+    os.makedirs(output_dir, exist_ok=True)
+    stop_path = os.path.join(output_dir, STOP_FILE)
+    if os.path.exists(stop_path):
+        os.remove(stop_path)
+
+    res = LaunchResult(returncode=-1)
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    try:
+        proc = subprocess.Popen(
+            plan.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=output_dir,
+            start_new_session=True,  # our own process group: signals to the app don't hit the workers twice
+        )
+    except OSError as e:
+        raise WorkerFailed(f"cannot start the training workers ({plan.argv[0]}): {e.strerror or e}") from None
+
+    tree = _ProcessTree(proc)
+    q: queue.Queue[tuple[str, str | None]] = queue.Queue()
+    readers = [
+        threading.Thread(target=_pump, args=(proc.stdout, "out", q), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, "err", q), daemon=True),
+    ]
+    for t in readers:
+        t.start()
+    open_streams = 2
+    next_poll = time.monotonic() + poll_interval
+    stop_at: float | None = None
+    exited_at: float | None = None
+    last_percent = None
+
+    def handle(name: str, line: str) -> None:
+        nonlocal last_percent
+        idx = line.find(EVENT_PREFIX)
+        ev = parse_event(line[idx:]) if idx >= 0 else None
+        if ev is not None:
+            kind = ev.get("event")
+            if kind == "progress":
+                res.step = int(ev.get("step") or 0)
+                res.max_steps = ev.get("max_steps") or res.max_steps
+                if on_progress and res.max_steps:
+                    on_progress(res.step, int(res.max_steps))
+                return
+            if kind == "train_begin":
+                res.max_steps = ev.get("max_steps") or res.max_steps
+                print(f"[dllm] training started: {res.max_steps} optimizer steps", file=out, flush=True)
+                if on_progress and res.max_steps:
+                    on_progress(0, int(res.max_steps))
+                return
+            if kind == "metrics":
+                metrics = {k: v for k, v in ev.items() if k != "event"}
+                res.last_metrics.update(metrics)
+                print(_format_metrics(ev, res.max_steps), file=out, flush=True)
+                if on_metrics:
+                    on_metrics(metrics)
+                return
+            if kind == "checkpoint":
+                path = ev.get("path")
+                if path:
+                    res.checkpoints.append(path)
+                    print(f"[dllm] checkpoint saved: {path}", file=out, flush=True)
+                    if on_checkpoint:
+                        on_checkpoint(path, int(ev.get("step") or 0))
+                return
+            if kind == "result":
+                res.result = ev
+                return
+        stripped = line.strip()
+        eidx = stripped.find(ERROR_PREFIX.strip())
+        if eidx >= 0:
+            msg = stripped[eidx + len(ERROR_PREFIX.strip()):].strip()
+            if msg and msg not in res.error_lines:
+                res.error_lines.append(msg)
+        if stripped:
+            tail.append(line)
+        print(line, file=out if name == "out" else err, flush=True)
+
+    try:
+        while True:
+            try:
+                name, line = q.get(timeout=0.2)
+                if line is None:
+                    open_streams -= 1
+                else:
+                    handle(name, line)
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            if now >= next_poll:
+                next_poll = now + poll_interval
+                tree.refresh()
+                if stop_at is None and should_stop is not None and should_stop():
+                    stop_at = now
+                    res.stop_requested = True
+                    print("[dllm] stop requested: the workers save a checkpoint and stop after the current step",
+                          file=out, flush=True)
+                if stop_at is not None and proc.poll() is None and not os.path.exists(stop_path):
+                    # (re)written while the workers run: a worker that starts late deletes a stale STOP
+                    with open(stop_path, "w") as fh:
+                        fh.write("stop requested\n")
+            if stop_at is not None and now - stop_at > stop_grace and proc.poll() is None:
+                print(f"[dllm] the workers did not stop within {stop_grace:.0f} s of the stop request; terminating them",
+                      file=err, flush=True)
+                tree.terminate()
+            if proc.poll() is not None:
+                if exited_at is None:
+                    exited_at = now
+                    if proc.returncode != 0:
+                        # A failed launcher must not leave workers behind (they may hold the pipes open).
+                        tree.terminate(grace=5.0)
+                if open_streams <= 0:
+                    break
+                if now - exited_at > exit_grace:
+                    tree.terminate(grace=2.0)  # something still holds our pipes: a stray descendant
+                    if now - exited_at > exit_grace + 5:
+                        break
+    except KeyboardInterrupt:
+        res.interrupted = True
+        print("[dllm] interrupted: terminating the training workers", file=err, flush=True)
+        tree.terminate(grace=10.0)
+    finally:
+        if proc.poll() is None:
+            tree.terminate(grace=5.0)
+        else:
+            stray = tree.alive()
+            if stray:
+                tree.terminate(grace=5.0)
+        # drain what is left in the queue (non-blocking)
+        while True:
+            try:
+                name, line = q.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                handle(name, line)
+        for stream in (proc.stdout, proc.stderr):
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if os.path.exists(stop_path):
+            try:
+                os.remove(stop_path)
+            except OSError:
+                pass
+    res.returncode = proc.returncode if proc.returncode is not None else -9
+    res.tail = list(tail)
+    return res

@@ -1,0 +1,184 @@
+"""Loading a model + tokenizer for training: family check, precision, 4-bit, mask token, LoRA."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import TrainConfig
+from .errors import ConfigError, ModelError
+from .families import FAMILIES, FamilyStrategy, family_of_model_type
+
+MASK_TOKEN_ADDED = "<|mdm_mask|>"
+
+# Where each family keeps its output head (trained in full under LoRA when it is new).
+_HEAD_MODULES = {"bert": ["cls"], "modernbert": ["head", "decoder"]}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    family: FamilyStrategy
+    mask_token_id: int
+    torch_dtype: torch.dtype
+    new_head: bool  # the checkpoint had no output head (e.g. a sentence-embedding BERT)
+
+
+def resolve_dtype(cfg: TrainConfig) -> torch.dtype:
+    if cfg.dtype == "auto":
+        if cfg.train_device == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
+
+
+def max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "max_sequence_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def load_model_config(path: str, *, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(f"model folder '{path}' has no config.json (is it empty or not a Hugging Face model?)")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not os.path.exists(path) and (path.startswith(("/", ".", "~")) or path.count("/") > 1):
+            raise ModelError(f"model '{path}' does not exist (give a local model folder or a Hugging Face Hub id)") from None
+        raise ModelError(f"cannot load the config of model '{path}': {first}") from None
+
+
+def check_family(config, cfg: TrainConfig) -> FamilyStrategy:
+    family = FAMILIES[cfg.training_method]
+    found = family_of_model_type(getattr(config, "model_type", None))
+    archs = ", ".join(getattr(config, "architectures", None) or [str(getattr(config, "model_type", "?"))])
+    if found is None:
+        raise ModelError(
+            f"model '{cfg.model_name}' ({archs}) is not supported: training_method '{cfg.training_method}' expects "
+            f"{' or '.join(family.architectures)}"
+        )
+    if found is not family:
+        raise ConfigError(
+            f"training_method '{cfg.training_method}' does not fit model '{cfg.model_name}' ({archs}): "
+            f"use training_method '{found.name}' for this model"
+        )
+    limit = max_positions(config)
+    if limit is not None and cfg.max_length > limit:
+        raise ConfigError(f"max_length ({cfg.max_length}) exceeds the model's maximum positions ({limit}); use at most {limit}")
+    return family
+
+
+def load_for_training(cfg: TrainConfig, *, log=print, device_map=None) -> LoadedModel:
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+    config = load_model_config(cfg.model_name, trust_remote_code=cfg.trust_remote_code)
+    family = check_family(config, cfg)
+    dtype = resolve_dtype(cfg)
+    if cfg.trust_remote_code:
+        log("[dllm] warning: trust_remote_code is on: modeling code shipped with the checkpoint will run")
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelError(f"cannot load a tokenizer for model '{cfg.model_name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    # Full fine-tunes keep float32 master weights (mixed precision autocasts); LoRA keeps the
+    # frozen base in the low precision to save memory.
+    kwargs["dtype"] = dtype if cfg.lora else torch.float32
+    if cfg.load_in_4bit:
+        if not torch.cuda.is_available():
+            raise ConfigError("load_in_4bit needs a CUDA GPU (bitsandbytes 4-bit), and none is visible")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
+        )
+        kwargs["dtype"] = dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    auto_cls = AutoModelForMaskedLM if family.name == "bert" else AutoModel
+    try:
+        model, info = auto_cls.from_pretrained(cfg.model_name, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load the weights of model '{cfg.model_name}': {msg}") from None
+
+    new_head = False
+    head_names = _HEAD_MODULES.get(config.model_type.lower(), [])
+    missing = [k for k in info.get("missing_keys", []) if any(k.startswith(h + ".") for h in head_names)]
+    if missing:
+        new_head = True
+        log(f"[dllm] model '{cfg.model_name}' has no masked-LM head in its checkpoint: initialised it fresh "
+            f"({len(missing)} tensors: {', '.join(sorted(missing)[:4])}{', ...' if len(missing) > 4 else ''}); it is trained in full")
+
+    mask_id = resolve_mask_token(model, tokenizer, log=log)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelError(f"the tokenizer of '{cfg.model_name}' has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False
+    if cfg.lora:
+        model = apply_lora(model, cfg, family, new_head_modules=head_names if new_head else [], log=log)
+    return LoadedModel(model, tokenizer, family, mask_id, dtype, new_head)
+
+
+def resolve_mask_token(model, tokenizer, *, log=print) -> int:
+    """The config's mask_token_id, else the tokenizer's mask token, else a new one (embeddings resized)."""
+    mid = getattr(model.config, "mask_token_id", None)
+    if isinstance(mid, int) and mid >= 0:
+        return mid
+    if tokenizer.mask_token_id is not None:
+        model.config.mask_token_id = tokenizer.mask_token_id
+        return tokenizer.mask_token_id
+    try:
+        tokenizer.add_special_tokens({"mask_token": MASK_TOKEN_ADDED})
+        new_id = tokenizer.mask_token_id
+        if new_id is None:
+            raise ValueError("the tokenizer did not accept a new special token")
+        if new_id >= model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+    except Exception as e:  # noqa: BLE001 - any failure here means "cannot be extended"
+        raise ModelError(
+            f"the tokenizer has no mask token and cannot be extended with one ({type(e).__name__}: {e}); "
+            "use a tokenizer with a mask token or a model config with mask_token_id"
+        ) from None
+    model.config.mask_token_id = new_id
+    log(f"[dllm] the model and tokenizer had no mask token: added '{MASK_TOKEN_ADDED}' as id {new_id} and resized the embeddings")
+    return new_id
+
+
+def apply_lora(model, cfg: TrainConfig, family: FamilyStrategy, *, new_head_modules=(), log=print):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    lora_cfg = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_list,
+        bias="none",
+        modules_to_save=list(new_head_modules) or None,
+    )
+    try:
+        model = get_peft_model(model, lora_cfg)
+    except ValueError as e:
+        raise ConfigError(f"lora_target_modules '{cfg.lora_target_modules}' does not fit this model: {str(e).splitlines()[0]}") from None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"[dllm] LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {cfg.lora_target_modules}: {trainable:,} of {total:,} parameters trainable")
+    return model

@@ -1,0 +1,255 @@
+"""The training recipe each worker runs: config -> model -> data -> MDLMTrainer -> saved model.
+
+Run in-process with `run_training(cfg)`, or as an `accelerate launch` worker:
+`python -m dllm_trainer.train --config-json FILE` (what the launcher does).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+from .config import TrainConfig
+from .errors import ConfigError, UserError
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    final_model_dir: str | None  # full fine-tune: the saved model
+    adaptor_dir: str | None  # LoRA: the saved adaptor (fused later by export.py)
+    metrics: dict = field(default_factory=dict)
+    stopped: bool = False
+    global_step: int = 0
+    samples: list = field(default_factory=list)
+
+
+def adaptor_dir_for(cfg: TrainConfig) -> str:
+    return cfg.adaptor_output_dir or os.path.join(cfg.output_dir, "adaptors", cfg.adaptor_name)
+
+
+def final_model_dir_for(cfg: TrainConfig) -> str:
+    return os.path.join(cfg.output_dir, "final_model")
+
+
+def find_resume_checkpoint(cfg: TrainConfig, log=print) -> str | None:
+    """'' -> None; 'latest' -> newest complete checkpoint-N in output_dir (None if none); else the path."""
+    spec = cfg.resume_from_checkpoint.strip()
+    if not spec:
+        return None
+    if spec != "latest":
+        if not os.path.isdir(spec):
+            raise ConfigError(f"resume_from_checkpoint '{spec}' is not a checkpoint folder")
+        if not is_complete_checkpoint(spec):
+            raise ConfigError(f"resume_from_checkpoint '{spec}' is incomplete or corrupt (no trainer_state.json or weights)")
+        return spec
+    candidates = sorted(
+        (d for d in glob.glob(os.path.join(cfg.output_dir, "checkpoint-*")) if re.search(r"checkpoint-\d+$", d)),
+        key=lambda d: int(d.rsplit("-", 1)[1]),
+        reverse=True,
+    )
+    for d in candidates:
+        if is_complete_checkpoint(d):
+            return d
+        log(f"[dllm] warning: checkpoint {d} is incomplete or corrupt; trying an older one")
+    log("[dllm] resume_from_checkpoint 'latest': no checkpoint found, starting fresh")
+    return None
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return False
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as fh:
+            json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return False
+    weights = glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin"))
+    return bool(weights)
+
+
+def build_training_args(cfg: TrainConfig, dtype, *, has_eval: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    on_cpu = cfg.train_device == "cpu" or not torch.cuda.is_available()
+    report_to = ["tensorboard"] + (["wandb"] if cfg.log_to_wandb else [])
+    eval_strategy = cfg.eval_strategy if has_eval else "no"
+    kwargs = dict(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.learning_rate_schedule,
+        # HF reads a warmup_steps value below 1 as a ratio of all steps (1.0 would mean one step).
+        warmup_steps=min(cfg.warmup_ratio, 0.999999),
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        # HF reads values in (0, 1) as fractions of all optimizer steps, as our config does.
+        logging_steps=cfg.logging_steps,
+        eval_strategy=eval_strategy,
+        eval_steps=cfg.eval_steps if eval_strategy == "steps" else None,
+        save_strategy="epoch" if cfg.eval_strategy == "epoch" else "steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=report_to,
+        remove_unused_columns=False,  # the collator needs prompt_len and sample_index
+        dataloader_num_workers=0,
+        use_cpu=on_cpu,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.pack_sequences else "random",
+        gradient_checkpointing=False,  # enabled on the model in loading.py (non-reentrant)
+        torch_compile=cfg.torch_compile,
+        disable_tqdm=False,
+        ddp_timeout=600,
+        logging_first_step=True,
+        include_num_input_tokens_seen="no",
+    )
+    if cfg.trains_by_steps:
+        kwargs["max_steps"] = cfg.train_steps
+    else:
+        kwargs["num_train_epochs"] = cfg.num_train_epochs
+    return TrainingArguments(**kwargs)
+
+
+def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainResult:
+    from .callbacks import EventCallback, SampleCallback, StopFileCallback
+    from .collator import DiffusionCollator
+    from .data import build_datasets
+    from .loading import load_for_training
+    from .noise import NoiseSchedule
+    from .trainer import DiffusionSettings, MDLMTrainer
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    stop_file = os.path.join(cfg.output_dir, "STOP")
+    if os.path.exists(stop_file):
+        os.remove(stop_file)  # a stale request from an earlier run must not stop this one
+    resume = find_resume_checkpoint(cfg, log=log)
+
+    loaded = load_for_training(cfg, log=log)
+    family, tokenizer = loaded.family, loaded.tokenizer
+    prepared = build_datasets(
+        cfg.dataset_name,
+        tokenizer,
+        max_length=cfg.max_length,
+        truncation=cfg.truncation,
+        mask_prompt_loss=cfg.mask_prompt_loss,
+        input_template=cfg.input_template or None,
+        output_template=cfg.output_template or None,
+        instruction_template=cfg.instruction_template or None,
+        num_proc=cfg.num_proc,
+        seed=cfg.seed,
+        split=cfg.dataset_split or None,
+        token=os.environ.get("HF_TOKEN"),
+        log=log,
+    )
+    weight_kind, geo_p = cfg.loss_weight
+    settings = DiffusionSettings(
+        family=family,
+        mask_token_id=loaded.mask_token_id,
+        schedule=NoiseSchedule(cfg.noise_eps, cfg.min_mask_ratio, cfg.max_mask_ratio),
+        weight_kind=weight_kind,
+        geo_p=geo_p,
+        normalization=cfg.loss_normalization,
+        seed=cfg.seed,
+        ce_chunk_size=cfg.ce_chunk_size,
+        nonfinite_loss=cfg.nonfinite_loss,
+    )
+    collator = DiffusionCollator(
+        family=family,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id,
+        perbatch_cutoff=cfg.perbatch_cutoff,
+        resp_cutoff_ratio=cfg.resp_cutoff_ratio,
+        seed=cfg.seed,
+    )
+    args = build_training_args(cfg, loaded.torch_dtype, has_eval=prepared.eval is not None)
+    stopper = StopFileCallback(cfg.output_dir)
+    callbacks = [EventCallback(), stopper, *extra_callbacks]
+    sampler_cb = None
+    prompts = [p.strip() for p in cfg.sample_prompts.splitlines() if p.strip()]
+    if prompts:
+        sampler_cb = SampleCallback(prompts, tokenizer, every=cfg.sample_every_steps, gen_length=cfg.sample_gen_length,
+                                    steps=cfg.sample_steps, log_dir=os.path.join(cfg.output_dir, "samples"))
+        callbacks.append(sampler_cb)
+    trainer = MDLMTrainer(
+        model=loaded.model,
+        args=args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        diffusion=settings,
+    )
+    log(f"[dllm] training {cfg.training_method} on {len(prepared.train)} rows"
+        f"{f' (eval {len(prepared.eval)})' if prepared.eval is not None else ''}; output in {cfg.output_dir}")
+    train_out = trainer.train(resume_from_checkpoint=resume)
+    metrics = {k: v for k, v in train_out.metrics.items() if isinstance(v, (int, float))}
+    if prepared.eval is not None and not stopper.stopped:
+        metrics.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
+    for entry in reversed(trainer.state.log_history):  # the last logged training metrics
+        if "loss" in entry:
+            metrics.setdefault("loss", entry["loss"])
+            for k in ("masked_accuracy", "mask_ratio", "tokens_per_second", "grad_norm", "learning_rate"):
+                if k in entry:
+                    metrics.setdefault(k, entry[k])
+            break
+    metrics["global_step"] = trainer.state.global_step
+    if trainer.skipped_steps:
+        metrics["skipped_nonfinite_steps"] = trainer.skipped_steps
+
+    result = TrainResult(output_dir=cfg.output_dir, final_model_dir=None, adaptor_dir=None, metrics=metrics,
+                         stopped=stopper.stopped, global_step=trainer.state.global_step,
+                         samples=list(sampler_cb.history) if sampler_cb else [])
+    if stopper.stopped:
+        log(f"[dllm] stop requested: stopped at step {trainer.state.global_step}; the checkpoint is kept in {cfg.output_dir}")
+    else:
+        if cfg.lora:
+            result.adaptor_dir = adaptor_dir_for(cfg)
+            trainer.save_model(result.adaptor_dir)
+        else:
+            result.final_model_dir = final_model_dir_for(cfg)
+            trainer.save_model(result.final_model_dir)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as fh:
+            json.dump(metrics, fh, indent=2)
+        from .callbacks import emit_event
+
+        emit_event("result", stopped=result.stopped, adaptor_dir=result.adaptor_dir,
+                   final_model_dir=result.final_model_dir, metrics=metrics)
+    return result
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """Entry point of one accelerate worker."""
+    ap = argparse.ArgumentParser(prog="python -m dllm_trainer.train")
+    ap.add_argument("--config-json", required=True, help="the validated job config as JSON")
+    args = ap.parse_args(argv)
+    from .errors import report_unexpected_error, report_user_error
+
+    cfg = None
+    try:
+        with open(args.config_json) as fh:
+            cfg = TrainConfig.from_dict(json.load(fh), strict=False)
+        run_training(cfg)
+        return 0
+    except UserError as e:
+        return report_user_error(e)
+    except KeyboardInterrupt:
+        print("[dllm] interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the traceback goes to debug.log, one line to the console
+        return report_unexpected_error(e, cfg.output_dir if cfg else None)
+
+
+if __name__ == "__main__":
+    raise SystemExit(worker_main())
