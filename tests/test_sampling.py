@@ -45,6 +45,15 @@ def _load(path):
     return AutoModel.from_pretrained(path).eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """Tiny models run fastest on one thread (and avoid OpenMP stalls on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def llada(llada_tiny):
     return _load(llada_tiny)
@@ -147,7 +156,7 @@ def plain_llada(model, prompt, gen_length, steps, block_length, mask_id, cfg_sca
 
 
 @torch.no_grad()
-def plain_dream(model, prompt, gen_length, steps, mask_id, alg, eps=1e-3):
+def plain_dream(model, prompt, gen_length, steps, mask_id, alg, eps=1e-3, one_per_step=False):
     b, p = prompt.shape
     x = torch.full((b, p + gen_length), mask_id, dtype=torch.long)
     x[:, :p] = prompt
@@ -165,6 +174,8 @@ def plain_dream(model, prompt, gen_length, steps, mask_id, alg, eps=1e-3):
             conf = torch.sum(probs * torch.log(probs + 1e-10), -1)
         n = mask_index.sum() / b
         k = int(n * (1 - ts[i + 1] / ts[i])) if i < steps - 1 else int(n)
+        if one_per_step:
+            k = 1
         full = torch.full(x.shape, -torch.inf, dtype=logits.dtype)
         full[mask_index] = conf
         if k > 0:
@@ -244,16 +255,25 @@ def test_num_transfer_tokens_schedule():
 # ------------------------------------------------------------------------------------------
 # Fast-dLLM
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("block", [16, 4])
-def test_threshold_above_one_equals_one_token_per_step(llada, random_dream, family, block):
-    model = llada if family == "llada" else random_dream
-    vocab = 400 if family == "llada" else 120
-    prompt = torch.randint(3, vocab, (2, 6), generator=torch.Generator().manual_seed(4))
-    vanilla = generate(model, prompt, gen_length=16, steps=16, block_length=block)
+def test_threshold_above_one_equals_one_token_per_step_llada(llada, block):
+    prompt = torch.randint(3, 400, (2, 6), generator=torch.Generator().manual_seed(4))
+    vanilla = generate(llada, prompt, gen_length=16, steps=16, block_length=block)
     stats = {}
-    fast = generate(model, prompt, gen_length=16, steps=16, block_length=block, threshold=1.5, stats=stats)
+    fast = generate(llada, prompt, gen_length=16, steps=16, block_length=block, threshold=1.5, stats=stats)
     assert torch.equal(fast, vanilla)
+    assert stats["nfe"] == 16
+
+
+@pytest.mark.parametrize("alg", DREAM_KEYS)
+def test_threshold_above_one_equals_one_token_per_step_dream(random_dream, alg):
+    """Dream's own schedule is not one-per-step at steps == gen_length (int(16 * (1 - s/t)) is 0
+    at the first step), so the comparison is with the Dream loop forced to one token per step."""
+    prompt = torch.randint(2, 120, (2, 6), generator=torch.Generator().manual_seed(4))
+    want = plain_dream(random_dream, prompt, 16, 16, 127, alg, one_per_step=True)
+    stats = {}
+    fast = generate(random_dream, prompt, gen_length=16, steps=16, strategy=alg, threshold=1.5, stats=stats)
+    assert torch.equal(fast, want)
     assert stats["nfe"] == 16
 
 

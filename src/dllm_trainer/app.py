@@ -208,11 +208,10 @@ def wandb_environment(cfg: TrainConfig, secret: Callable[[str], str | None], *,
     if mode in ("offline", "dryrun", "disabled"):
         return env, None
     base_url = environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    key_from_secret = None
     key = environ.get("WANDB_API_KEY") or None
     if not key:
-        key = secret("WANDB_API_KEY")
-        if key:
-            env["WANDB_API_KEY"] = key
+        key = key_from_secret = secret("WANDB_API_KEY") or None
     if not key:
         key = _netrc_key(urlparse(base_url).hostname or "api.wandb.ai")
     offline_dir = os.path.join(cfg.output_dir, "wandb")
@@ -222,9 +221,11 @@ def wandb_environment(cfg: TrainConfig, secret: Callable[[str], str | None], *,
                      f"WANDB_API_KEY secret, or `wandb login`); logging offline to {offline_dir} "
                      "(upload later with `wandb sync`)")
     if not reachable(base_url):
-        env["WANDB_MODE"] = "offline"
+        env["WANDB_MODE"] = "offline"  # offline runs need no key: it is not passed on
         return env, (f"[dllm] warning: W&B ({base_url}) is not reachable; logging offline to {offline_dir} "
                      "(upload later with `wandb sync`)")
+    if key_from_secret:
+        env["WANDB_API_KEY"] = key_from_secret  # the workers' environment only; never printed or written
     return env, None
 
 
@@ -279,8 +280,10 @@ def _run_job(cfg: TrainConfig, reporter, *, gpu_count, poll_interval, log) -> in
     user_cfg = cfg
     cfg = resolve_sources(cfg, reporter)
     model_id = cfg.adaptor_name
-    reporter.check_model_name(model_id, cfg.output_dir)
-    if cfg.lora and _nonempty_dir(adaptor_dir_for(cfg)):
+    main_machine = cfg.machine_rank == 0  # only the rank-0 machine saves and registers the model
+    if main_machine:
+        reporter.check_model_name(model_id, cfg.output_dir)
+    if main_machine and cfg.lora and _nonempty_dir(adaptor_dir_for(cfg)):
         raise ConfigError(
             f"an adaptor named '{cfg.adaptor_name}' already exists at {adaptor_dir_for(cfg)}; "
             "choose another adaptor_name, or delete it first"
@@ -323,6 +326,10 @@ def _run_job(cfg: TrainConfig, reporter, *, gpu_count, poll_interval, log) -> in
         return _stopped(reporter, res, log)
     if not res.ok:
         raise WorkerFailed(res.failure_reason())
+    if not main_machine:
+        reporter.complete(f"machine rank {cfg.machine_rank} finished {res.step} steps; the rank-0 machine saves the model",
+                          _finite(res.last_metrics))
+        return 0
     if not result:
         raise WorkerFailed("the training workers exited without reporting a result; see the log above")
     if result.get("stopped"):  # a STOP file written by hand (standalone)

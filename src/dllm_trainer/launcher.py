@@ -297,6 +297,14 @@ def _telling_line(lines: list[str]) -> str:
     return ""
 
 
+def _append_debug(output_dir: str, line: str) -> None:
+    try:
+        with open(os.path.join(output_dir, "debug.log"), "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+    except OSError:
+        pass
+
+
 def _pump(stream, name: str, q: "queue.Queue[tuple[str, str | None]]") -> None:
     """Read raw chunks and split on \\n and \\r (progress bars), so lines arrive as soon as written."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -474,10 +482,10 @@ def run_workers(
     next_poll = time.monotonic() + poll_interval
     stop_at: float | None = None
     exited_at: float | None = None
-    last_percent = None
+    diverting = False
 
     def handle(name: str, line: str) -> None:
-        nonlocal last_percent
+        nonlocal diverting
         idx = line.find(EVENT_PREFIX)
         ev = parse_event(line[idx:]) if idx >= 0 else None
         if ev is not None:
@@ -515,11 +523,20 @@ def run_workers(
         stripped = line.strip()
         eidx = stripped.find(ERROR_PREFIX.strip())
         if eidx >= 0:
+            # the workers' own one-line error: it becomes the job's failure reason (printed once, by the app)
             msg = stripped[eidx + len(ERROR_PREFIX.strip()):].strip()
             if msg and msg not in res.error_lines:
                 res.error_lines.append(msg)
+            return
         if stripped:
             tail.append(line)
+        if name == "err" and res.error_lines and stripped.startswith("Traceback (most recent call last)"):
+            # accelerate/torchrun re-raise a worker's exit as their own traceback; the worker already
+            # said what went wrong, so the launcher's traceback goes to debug.log, not the live log
+            diverting = True
+        if diverting and name == "err":
+            _append_debug(output_dir, line)
+            return
         print(line, file=out if name == "out" else err, flush=True)
 
     try:

@@ -341,7 +341,9 @@ class DreamModel(PreTrainedModel):
     # token ids from the config, which is what the released files contain.
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        # output_loading_info=True returns (model, info)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         hub_kwargs = {
             k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs
         }
@@ -350,7 +352,7 @@ class DreamModel(PreTrainedModel):
             model.dream_generation_config = gen
         except Exception:  # no generation_config.json (or not reachable): one is synthesised on save
             model.dream_generation_config = None
-        return model
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)

@@ -1,0 +1,43 @@
+"""`dllm-trainer`: the standalone command line.
+
+    dllm-trainer train --config job.json [--set key=value ...]   run a training job (no app needed)
+    dllm-trainer generate --model PATH --prompt TEXT              sample from a model
+    dllm-trainer chat --model PATH                                interactive chat (:complete N, :mask R)
+    dllm-trainer demo                                             the bundled CPU demo
+    dllm-trainer manifest                                         print the plugin's form parameters
+"""
+from __future__ import annotations
+
+import sys
+
+COMMANDS = ("train", "generate", "chat", "demo", "manifest")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        from .app import main as app_main
+
+        return app_main(rest)
+    if cmd in ("generate", "chat"):
+        from .chat import main as chat_main
+
+        return chat_main([cmd, *rest])
+    if cmd == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
+    if cmd == "manifest":
+        from .config import _main as manifest_main
+
+        return manifest_main(rest)
+    print(f"dllm-trainer: unknown command '{cmd}' (allowed: {', '.join(COMMANDS)})", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
