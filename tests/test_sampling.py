@@ -90,13 +90,13 @@ def tiny_bert():
     return BertForMaskedLM(cfg).eval()
 
 
-def chain_corpus(n, length, g, lo=10, period=16):
+def chain_corpus(n, length, g, lo=10, period=8):
     """Token i+1 follows token i (mod period): learnable in a few dozen steps."""
     start = torch.randint(0, period, (n, 1), generator=g)
     return lo + (start + torch.arange(length)) % period
 
 
-def fit_mdlm(model, steps=60, n=8, length=32, lr=1e-2, seed=0):
+def fit_mdlm(model, steps=400, n=8, length=32, lr=3e-3, seed=0):
     """A few Adam steps of the masked-diffusion loss (CE at masked positions / t)."""
     fam = get_family(model)
     g = torch.Generator().manual_seed(seed)
@@ -133,7 +133,10 @@ def plain_llada(model, prompt, gen_length, steps, block_length, mask_id, cfg_sca
     spb = steps // n_blocks
     for nb in range(n_blocks):
         blk = x[:, p + nb * block_length : p + (nb + 1) * block_length] == mask_id
-        num = llada_num_transfer_tokens(blk.sum(1), spb)
+        num = torch.zeros(b, spb, dtype=torch.long)
+        for j, n in enumerate(blk.sum(1).tolist()):  # n // spb each, remainder to the earliest steps
+            num[j] = n // spb
+            num[j, : n % spb] += 1
         for i in range(spb):
             mask_index = x == mask_id
             if cfg_scale > 0:
@@ -222,7 +225,7 @@ def test_dream_matches_plain_reference_on_diverse_model(random_dream, alg, steps
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("steps,gen_length,block", [(12, 24, 8), (6, 24, 24), (24, 24, 4)])
+@pytest.mark.parametrize("steps,gen_length,block", [(12, 24, 8), (9, 24, 8), (5, 24, 24), (24, 24, 4)])
 def test_llada_matches_plain_reference(llada, steps, gen_length, block):
     prompt = torch.randint(3, 400, (3, 5), generator=torch.Generator().manual_seed(2))
     want = plain_llada(llada, prompt, gen_length, steps, block, MASK)
@@ -315,13 +318,14 @@ def test_cache_plumbing_exact_on_unchanged_sequence(llada, random_dream, family,
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 def test_cache_agreement_on_fitted_models(fitted, family, mode):
     model = fitted[family]
-    prompt = chain_corpus(4, 8, torch.Generator().manual_seed(5))
     agreements = []
-    for steps, gen_length, block in [(32, 32, 8), (16, 32, 16)]:
-        ref = generate(model, prompt, gen_length=gen_length, steps=steps, block_length=block)
-        out = generate(model, prompt, gen_length=gen_length, steps=steps, block_length=block, cache=mode)
-        assert torch.equal(out[:, :8], prompt) and not (out == MASK).any()
-        agreements.append((out[:, 8:] == ref[:, 8:]).float().mean().item())
+    for seed in (5, 6):
+        prompt = chain_corpus(4, 8, torch.Generator().manual_seed(seed))
+        for steps, gen_length, block in [(32, 32, 8), (16, 32, 16), (32, 32, 32)]:
+            ref = generate(model, prompt, gen_length=gen_length, steps=steps, block_length=block)
+            out = generate(model, prompt, gen_length=gen_length, steps=steps, block_length=block, cache=mode)
+            assert torch.equal(out[:, :8], prompt) and not (out == MASK).any()
+            agreements.append((out[:, 8:] == ref[:, 8:]).float().mean().item())
     assert min(agreements) >= CACHE_AGREEMENT_BOUND, agreements
 
 
@@ -342,15 +346,19 @@ def test_cache_agreement_on_fixtures(llada, dream, llada_tiny, dream_tiny):
                     assert agree >= 0.1, (key, mode, agree)  # sanity only: random weights
 
 
-def test_threshold_with_dual_cache_on_fitted_model(fitted):
-    model = fitted["dream"]
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("cache", [None, "dual"])
+def test_threshold_decoding_on_fitted_models(fitted, family, cache):
+    """Threshold 0.9 changes the decoding order, so it is compared loosely with the vanilla
+    output (measured 0.73-0.98 of the tokens equal), and must save forwards."""
+    model = fitted[family]
     prompt = chain_corpus(4, 8, torch.Generator().manual_seed(5))
-    ref = generate(model, prompt, gen_length=32, steps=32, block_length=32)
+    ref = generate(model, prompt, gen_length=32, steps=32, block_length=8)
     stats = {}
-    out = generate(model, prompt, gen_length=32, steps=32, block_length=32, threshold=0.5, cache="dual", stats=stats)
-    assert not (out == MASK).any()
-    assert stats["nfe"] < 32  # several tokens per forward
-    assert (out[:, 8:] == ref[:, 8:]).float().mean().item() >= 0.8
+    out = generate(model, prompt, gen_length=32, steps=32, block_length=8, threshold=0.9, cache=cache, stats=stats)
+    assert torch.equal(out[:, :8], prompt) and not (out == MASK).any()
+    assert stats["nfe"] <= 16  # several tokens per forward (vanilla: 32)
+    assert (out[:, 8:] == ref[:, 8:]).float().mean().item() >= 0.6
 
 
 # ------------------------------------------------------------------------------------------

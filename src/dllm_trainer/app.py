@@ -288,14 +288,16 @@ def _run_job(cfg: TrainConfig, reporter, *, gpu_count, poll_interval, log) -> in
             f"an adaptor named '{cfg.adaptor_name}' already exists at {adaptor_dir_for(cfg)}; "
             "choose another adaptor_name, or delete it first"
         )
-    if not cfg.resume_from_checkpoint.strip():
-        resume = reporter.checkpoint_to_resume()
-        if resume:
-            log(f"[dllm] resuming from checkpoint {resume}")
-            cfg = cfg.replace(resume_from_checkpoint=resume)
+    cfg = _resume_request(cfg, reporter, log)
+    _preflight(cfg, log)  # reliability: bad inputs fail here, before any worker starts (preflight.py)
 
+    if reporter.should_stop():  # stopped while it was queued
+        reporter.stopped("stopped before training started")
+        return 0
     os.makedirs(cfg.output_dir, exist_ok=True)
-    config_path = os.path.join(cfg.output_dir, CONFIG_FILE_NAME)
+    # machines sharing one output_dir (a shared filesystem) must not overwrite each other's config
+    config_path = os.path.join(cfg.output_dir, CONFIG_FILE_NAME if main_machine
+                               else CONFIG_FILE_NAME.replace(".json", f".machine{cfg.machine_rank}.json"))
     plan = build_launch(cfg, config_path, gpu_count=gpu_count)  # hardware errors before anything starts
     _write_json_atomic(config_path, cfg.to_dict())
     wandb_env, warning = wandb_environment(cfg, reporter.secret, run_name=f"{model_id}")
@@ -362,6 +364,34 @@ def _run_job(cfg: TrainConfig, reporter, *, gpu_count, poll_interval, log) -> in
     summary = f"trained {steps} steps" + (f", final loss {loss:.4g}" if isinstance(loss, float) else "")
     reporter.complete(f"{summary}; model '{model_id}' saved to {final}", metrics)
     return 0
+
+
+def _resume_request(cfg: TrainConfig, reporter, log) -> TrainConfig:
+    """resume_from_checkpoint as the workers get it (reliability; checkpoints.py):
+    a path stays; 'latest' becomes the newest valid checkpoint of output_dir (broken ones are logged
+    and skipped), else the checkpoint the app asks this job to resume from, if any (else it stays
+    'latest': a fresh start); '' becomes the app's checkpoint to resume, if any."""
+    spec = cfg.resume_from_checkpoint.strip()
+    if spec and spec != "latest":
+        return cfg
+    if spec == "latest" and os.path.isdir(cfg.output_dir):
+        from .checkpoints import latest_valid_checkpoint
+
+        found = latest_valid_checkpoint(cfg.output_dir, log=log)
+        if found:
+            log(f"[dllm] resume_from_checkpoint 'latest': {found}")
+            return cfg.replace(resume_from_checkpoint=found)
+    resume = reporter.checkpoint_to_resume()
+    if resume:
+        log(f"[dllm] resuming from checkpoint {resume}")
+        return cfg.replace(resume_from_checkpoint=resume)
+    return cfg
+
+
+def _preflight(cfg: TrainConfig, log) -> None:
+    from .preflight import run_preflight
+
+    run_preflight(cfg, log=log)
 
 
 def _stopped(reporter, res, log) -> int:

@@ -156,6 +156,9 @@ def load_session(path: str, device: str = "auto", dtype: str = "auto") -> Sessio
         "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
     }[dtype]
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars in a CLI
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message

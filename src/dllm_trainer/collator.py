@@ -12,6 +12,10 @@ are padded:
 
 The random choices of the Dream cutoffs are seeded by the batch's sample indices, so a batch is
 collated the same way after a resume.
+
+With ``pack_length`` set (``pack_sequences``, llada/dream only), the rows are not padded but packed
+into sequences of at most ``pack_length`` tokens with per-row position ids (packing.py); the Dream
+cutoffs are applied to the rows first, exactly as they would be unpacked.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 
 from .families import FamilyStrategy
+from .packing import pack_rows
 
 CUTOFF_STREAM = 2
 
@@ -34,6 +39,7 @@ class DiffusionCollator:
     resp_cutoff_ratio: float = 0.0
     seed: int = 42
     pad_to_multiple_of: int | None = None
+    pack_length: int | None = None  # set: padding-free packing into sequences of this many tokens
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         rows = [
@@ -53,6 +59,13 @@ class DiffusionCollator:
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
             max_len = (max_len + m - 1) // m * m
+        if self.pack_length:
+            # Packing: the random cut of the padded batch (same rng draws as below) is applied to
+            # the rows instead, so each packed row is exactly the row the padded batch would hold.
+            if self._draw_resp_cutoff(rng):
+                self._resp_cutoff_rows(rows, rng, max_len)
+            return pack_rows(rows, self.pack_length, pad_token_id=self.pad_token_id,
+                             pad_to_multiple_of=self.pad_to_multiple_of)
         if self.family.pad_with_eos:
             if self.eos_token_id is None:
                 raise ValueError("llada training pads responses with EOS, but the tokenizer has no eos token")
@@ -76,12 +89,7 @@ class DiffusionCollator:
             "attention_mask": attention_mask,
             "sample_index": torch.tensor([r["sample_index"] for r in rows], dtype=torch.long),
         }
-        if (
-            self.family.uses_response_cutoffs
-            and not self.perbatch_cutoff
-            and self.resp_cutoff_ratio > 0
-            and rng.random() < self.resp_cutoff_ratio
-        ):
+        if self._draw_resp_cutoff(rng):
             batch = self._resp_cutoff(batch, rows, rng)
         return batch
 
@@ -100,6 +108,24 @@ class DiffusionCollator:
             if cut:
                 r["input_ids"] = r["input_ids"][:-cut]
                 r["labels"] = r["labels"][:-cut]
+
+    def _draw_resp_cutoff(self, rng) -> bool:
+        return (
+            self.family.uses_response_cutoffs
+            and not self.perbatch_cutoff
+            and self.resp_cutoff_ratio > 0
+            and rng.random() < self.resp_cutoff_ratio
+        )
+
+    @staticmethod
+    def _resp_cutoff_rows(rows, rng, padded_len) -> None:
+        """``_resp_cutoff`` on unpadded rows: trim every row to the cut padded length."""
+        min_resp = min(len(r["input_ids"]) - r["prompt_len"] for r in rows)
+        if min_resp <= 1:
+            return
+        new_len = padded_len - int(rng.integers(1, min_resp))
+        for r in rows:
+            r["input_ids"], r["labels"] = r["input_ids"][:new_len], r["labels"][:new_len]
 
     @staticmethod
     def _resp_cutoff(batch, rows, rng):

@@ -117,6 +117,8 @@ class TrainConfig:
     max_mask_ratio: float = _f(1.0, "Max mask ratio", "t is rescaled into [min_mask_ratio, max_mask_ratio].", minimum=0.0, maximum=1.0)
     perbatch_cutoff: bool = _f(True, "Per-batch response cutoff (dream)", "Dream: pick one response length from the batch and trim longer responses to it before padding.")
     resp_cutoff_ratio: float = _f(0.0, "Response cutoff ratio (dream)", "Dream: probability of an extra random cut of the padded batch (used when perbatch_cutoff is off).", minimum=0.0, maximum=1.0)
+    eval_elbo_samples: int = _f(0, "Eval ELBO samples", "Monte-Carlo samples per eval row for the likelihood bound (eval NLL and perplexity bound, as LLaDA evaluates); 0 turns it off.", minimum=0, maximum=4096)
+    eval_elbo_rows: int = _f(32, "Eval ELBO rows", "Eval rows scored by the likelihood bound at each evaluation.", minimum=1, maximum=100000)
     ce_chunk_size: int = _f(4096, "Loss chunk size", "Masked tokens per chunk of the output head + cross-entropy (memory vs speed).", minimum=64, maximum=1048576)
 
     # ---- data -------------------------------------------------------------------------------
@@ -244,7 +246,7 @@ class TrainConfig:
 
 # ---- coercion and schema checks -----------------------------------------------------------------
 _TRUE = {"true", "1", "yes", "y", "on"}
-_FALSE = {"false", "0", "no", "n", "off", ""}
+_FALSE = {"false", "0", "no", "n", "off"}
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -255,8 +257,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     """Accept the GUI's strings ("true", "0.25", "8") and JSON's native types."""
     typ = _field_type(f)
     name = f.name
-    if value is None:
-        return f.default
+    if value is None or (isinstance(value, str) and value.strip() == "" and typ is not str):
+        return f.default  # an empty form value means "not set"
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -299,7 +301,8 @@ def _check_schema(f: dataclasses.Field, value: Any) -> None:
     name = f.name
     if "enum" in s and value not in s["enum"]:
         raise ConfigError(f"{name} must be one of {', '.join(map(str, s['enum']))}, got '{value}'")
-    if "pattern" in s and not re.match(s["pattern"], str(value)):
+    # fullmatch: like JSON Schema (ECMAScript) patterns, "$" must not accept a trailing newline.
+    if "pattern" in s and not re.fullmatch(s["pattern"], str(value)):
         raise ConfigError(f"{name} {_PATTERN_HELP.get(name, 'has an invalid format')}, got '{value}'")
     lo, hi = s.get("minimum"), s.get("maximum")
     xlo = s.get("exclusiveMinimum")

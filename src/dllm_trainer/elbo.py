@@ -6,8 +6,8 @@ For a prompt ``c`` and an answer ``y`` of ``T`` tokens, the masked-diffusion ELB
 
 (LLaDA paper, eq. 14 / ``get_log_likelihood`` in the LLaDA repo). Estimated with ``mc_num``
 samples processed ``batch_size`` at a time; within a batch the masked counts are stratified
-(low variance): one ``k ~ U{1..T}``, then ``round(linspace(k, k + (b-1) T / b, b))`` wrapped
-into ``1..T``; each sample masks that many answer positions chosen uniformly. The prompt is
+(low variance): one ``k ~ U{1..T}``, then counts ``T / b`` apart on the cycle ``1..T`` (see
+``stratified_mask_counts``); each sample masks that many answer positions chosen uniformly. The prompt is
 never masked.
 
 Returned per sequence: the bound on ``log p(y | c)`` in nats, ``nll_per_token = -bound / T``
@@ -48,10 +48,16 @@ def _device(model) -> torch.device:
 
 
 def stratified_mask_counts(target_len: int, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """LLaDA's low-variance masked counts for ``batch`` samples, each in ``1..target_len``."""
+    """Low-variance masked counts for ``batch`` samples, each uniform on ``1..target_len``.
+
+    As in LLaDA: one ``k ~ U{1..T}``, then the samples sit ``T / batch`` apart on the cycle
+    ``1..T``. LLaDA rounds ``k + j T / b`` half-to-even, which makes a count's distribution depend
+    on the parity of ``k`` (non-uniform, so slightly biased) when ``j T / b`` ends in .5; we
+    add the floored offset instead, which keeps every sample's count exactly uniform.
+    """
     k = int(torch.randint(1, target_len + 1, (), generator=generator))
-    counts = torch.round(torch.linspace(float(k), k + (batch - 1) * (target_len / batch), steps=batch)).long()
-    return ((counts - 1) % target_len) + 1
+    offsets = (torch.arange(batch, dtype=torch.float64) * (target_len / batch)).floor().long()
+    return ((k - 1 + offsets) % target_len) + 1
 
 
 def _masked_answer_loss(model, family, ids, positions, targets, *, cfg_scale, prompt_len, mask_id):

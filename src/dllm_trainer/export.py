@@ -45,9 +45,31 @@ def fuse_adaptor(base_model: str, adaptor_dir: str, out_dir: str, *, family_name
         base.config.mask_token_id = tokenizer.mask_token_id
     model = PeftModel.from_pretrained(base, adaptor_dir)
     fused = model.merge_and_unload()
+    _untie_shared_parameters(fused)
     save_model_atomic(fused, tokenizer, out_dir)
     log(f"[dllm] fused adaptor {adaptor_dir} into {base_model}: {out_dir}")
     return out_dir
+
+
+def _untie_shared_parameters(model) -> None:
+    """Give parameters that still share storage their own copy when the config says untied.
+
+    peft's merge sets ``tie_word_embeddings=False`` when a trained head (modules_to_save) no longer
+    matches the input embeddings. Other ties can remain in memory (BERT: ``cls.predictions.decoder.bias``
+    is ``cls.predictions.bias``); ``save_pretrained`` writes such a shared tensor once, and a reload
+    with ``tie_word_embeddings=False`` does not re-tie it, so the trained bias would come back as zeros.
+    """
+    import torch
+
+    if getattr(model.config, "tie_word_embeddings", True):
+        return
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) in seen:
+                setattr(module, name, torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+            else:
+                seen.add(id(param))
 
 
 def _has_tokenizer(path: str) -> bool:

@@ -50,6 +50,7 @@ from .errors import ERROR_PREFIX, ConfigError, UserError
 
 WORKER_MODULE = "dllm_trainer.train"
 LAUNCH_MODULE = "accelerate.commands.launch"
+_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _GPU_LIST_RE = re.compile(r"^\s*\d+\s*(,\s*\d+\s*)*$")
 
 
@@ -256,6 +257,7 @@ class LaunchResult:
     checkpoints: list[str] = field(default_factory=list)
     error_lines: list[str] = field(default_factory=list)  # `[dllm-error]` messages, deduplicated, in order
     tail: list[str] = field(default_factory=list)  # the last lines of output (both streams)
+    worker_deaths: list[str] = field(default_factory=list)  # torchrun's 'failed (exitcode: -N) local_rank: R' lines
     max_steps: int | None = None
     step: int = 0
 
@@ -265,13 +267,30 @@ class LaunchResult:
 
     def failure_reason(self) -> str:
         """The workers' own error message(s), else the most telling of the last output lines."""
+        dead = _killed_worker(self.worker_deaths)  # a rank killed by a signal is the cause; the others' errors follow
         if self.error_lines:
-            return "; ".join(self.error_lines[:3])
+            return "; ".join(([dead] if dead else []) + self.error_lines[:3])
+        if dead:
+            return dead
         code = _describe_exit(self.returncode)
         telling = _telling_line(self.tail)
         if telling:
             return f"the training workers failed ({code}): {telling}"
         return f"the training workers failed ({code}) without an error message; see the log above"
+
+
+_TORCHRUN_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
+
+
+def _killed_worker(lines: list[str]) -> str | None:
+    """torchrun's "failed (exitcode: -9) local_rank: 1 (pid: N)" for a worker killed by a signal
+    (reliability: a SIGKILLed / OOM-killed rank is named as the cause of the job's failure)."""
+    for line in lines:
+        m = _TORCHRUN_FAILED.search(line)
+        if m and int(m.group(1)) < 0:
+            return (f"training worker rank {m.group(2)} (pid {m.group(3)}) was {_describe_exit(int(m.group(1)))} "
+                    "(out of memory, or killed from outside); the job was stopped")
+    return None
 
 
 def _describe_exit(code: int) -> str:
@@ -483,6 +502,20 @@ def run_workers(
     stop_at: float | None = None
     exited_at: float | None = None
     diverting = False
+    warned: set[str] = set()
+
+    def safe(fn, *args, default=None):
+        """Reporting callbacks must never end a training run (a KeyboardInterrupt still does)."""
+        if fn is None:
+            return default
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001
+            name = getattr(fn, "__name__", "callback")
+            if name not in warned:
+                warned.add(name)
+                print(f"[dllm] warning: {name} failed ({type(e).__name__}: {e}); training continues", file=err, flush=True)
+            return default
 
     def handle(name: str, line: str) -> None:
         nonlocal diverting
@@ -493,29 +526,27 @@ def run_workers(
             if kind == "progress":
                 res.step = int(ev.get("step") or 0)
                 res.max_steps = ev.get("max_steps") or res.max_steps
-                if on_progress and res.max_steps:
-                    on_progress(res.step, int(res.max_steps))
+                if res.max_steps:
+                    safe(on_progress, res.step, int(res.max_steps))
                 return
             if kind == "train_begin":
                 res.max_steps = ev.get("max_steps") or res.max_steps
                 print(f"[dllm] training started: {res.max_steps} optimizer steps", file=out, flush=True)
-                if on_progress and res.max_steps:
-                    on_progress(0, int(res.max_steps))
+                if res.max_steps:
+                    safe(on_progress, 0, int(res.max_steps))
                 return
             if kind == "metrics":
                 metrics = {k: v for k, v in ev.items() if k != "event"}
                 res.last_metrics.update(metrics)
                 print(_format_metrics(ev, res.max_steps), file=out, flush=True)
-                if on_metrics:
-                    on_metrics(metrics)
+                safe(on_metrics, metrics)
                 return
             if kind == "checkpoint":
                 path = ev.get("path")
                 if path:
                     res.checkpoints.append(path)
                     print(f"[dllm] checkpoint saved: {path}", file=out, flush=True)
-                    if on_checkpoint:
-                        on_checkpoint(path, int(ev.get("step") or 0))
+                    safe(on_checkpoint, path, int(ev.get("step") or 0))
                 return
             if kind == "result":
                 res.result = ev
@@ -528,8 +559,11 @@ def run_workers(
             if msg and msg not in res.error_lines:
                 res.error_lines.append(msg)
             return
-        if stripped:
-            tail.append(line)
+        if not _ANSI_RE.sub("", line).strip():
+            return  # what is left of a progress-bar redraw
+        tail.append(line)
+        if _TORCHRUN_FAILED.search(line):
+            res.worker_deaths.append(line)  # kept whatever the tail's length
         if name == "err" and res.error_lines and stripped.startswith("Traceback (most recent call last)"):
             # accelerate/torchrun re-raise a worker's exit as their own traceback; the worker already
             # said what went wrong, so the launcher's traceback goes to debug.log, not the live log
@@ -553,7 +587,7 @@ def run_workers(
             if now >= next_poll:
                 next_poll = now + poll_interval
                 tree.refresh()
-                if stop_at is None and should_stop is not None and should_stop():
+                if stop_at is None and safe(should_stop, default=False):
                     stop_at = now
                     res.stop_requested = True
                     print("[dllm] stop requested: the workers save a checkpoint and stop after the current step",

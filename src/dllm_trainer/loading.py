@@ -139,9 +139,16 @@ def load_for_training(cfg: TrainConfig, *, log=print, device_map=None) -> Loaded
 def resolve_mask_token(model, tokenizer, *, log=print) -> int:
     """The config's mask_token_id, else the tokenizer's mask token, else a new one (embeddings resized)."""
     mid = getattr(model.config, "mask_token_id", None)
-    if isinstance(mid, int) and mid >= 0:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if isinstance(mid, int) and 0 <= mid < rows:
         return mid
+    if isinstance(mid, int) and mid >= 0:
+        # e.g. a config without the key gets the published model's default id (LLaDA: 126336),
+        # which a smaller vocabulary does not have
+        log(f"[dllm] warning: the model config's mask_token_id {mid} is outside its {rows} embeddings; ignoring it")
     if tokenizer.mask_token_id is not None:
+        if tokenizer.mask_token_id >= rows:
+            model.resize_token_embeddings(len(tokenizer))
         model.config.mask_token_id = tokenizer.mask_token_id
         return tokenizer.mask_token_id
     try:

@@ -176,8 +176,11 @@ class TransformerLabReporter:
                 else:
                     return
             os.symlink(os.path.abspath(path), link, target_is_directory=True)
+            for entry in os.scandir(ckpt_dir):  # checkpoints the Trainer rotated away (save_total_limit)
+                if entry.is_symlink() and not os.path.exists(entry.path):
+                    os.remove(entry.path)
             data = self.sdk.get_job_data() or {}
-            listed = [c for c in data.get("checkpoints", []) if isinstance(c, str)]
+            listed = [c for c in data.get("checkpoints", []) if isinstance(c, str) and os.path.exists(c)]
             if link not in listed:
                 listed.append(link)
             self._set_field("checkpoints", listed)

@@ -6,10 +6,8 @@ Run in-process with `run_training(cfg)`, or as an `accelerate launch` worker:
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 
@@ -37,44 +35,58 @@ def final_model_dir_for(cfg: TrainConfig) -> str:
 
 
 def find_resume_checkpoint(cfg: TrainConfig, log=print) -> str | None:
-    """'' -> None; 'latest' -> newest complete checkpoint-N in output_dir (None if none); else the path."""
-    spec = cfg.resume_from_checkpoint.strip()
-    if not spec:
-        return None
-    if spec != "latest":
-        if not os.path.isdir(spec):
-            raise ConfigError(f"resume_from_checkpoint '{spec}' is not a checkpoint folder")
-        if not is_complete_checkpoint(spec):
-            raise ConfigError(f"resume_from_checkpoint '{spec}' is incomplete or corrupt (no trainer_state.json or weights)")
-        return spec
-    candidates = sorted(
-        (d for d in glob.glob(os.path.join(cfg.output_dir, "checkpoint-*")) if re.search(r"checkpoint-\d+$", d)),
-        key=lambda d: int(d.rsplit("-", 1)[1]),
-        reverse=True,
-    )
-    for d in candidates:
-        if is_complete_checkpoint(d):
-            return d
-        log(f"[dllm] warning: checkpoint {d} is incomplete or corrupt; trying an older one")
-    log("[dllm] resume_from_checkpoint 'latest': no checkpoint found, starting fresh")
-    return None
+    """'' -> None; 'latest' -> newest valid checkpoint-N in output_dir (None if none); else the path
+    (ConfigError when it is missing, incomplete or corrupt). See checkpoints.py."""
+    from .checkpoints import resolve_resume
+
+    return resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir, log=log)
 
 
 def is_complete_checkpoint(path: str) -> bool:
-    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        return False
+    """trainer_state.json, intact weights, optimizer/scheduler and RNG states (checkpoints.py)."""
+    from .checkpoints import is_valid_checkpoint
+
+    return is_valid_checkpoint(path)
+
+
+def _is_main_worker() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def default_cpu_threads(local_workers: int | None = None) -> int:
+    """Intra-op threads for CPU training: the cores this worker may use that other work leaves free.
+
+    PyTorch's default (one thread per core) lets OpenMP threads spin-wait at every op; when the
+    cores are busy with other processes a descheduled thread stalls the rest, which measured 4x
+    slower per training step at the bench model size and ~40x at tiny sizes on a loaded 2-core box
+    (bench/README.md). So: DLLM_CPU_THREADS if set (exact); else the cores of this process's
+    affinity mask shared among the local workers (LOCAL_WORLD_SIZE), capped by OMP_NUM_THREADS
+    when set, minus what the 1-minute load average says other processes are using; at least 1.
+    """
+    explicit = os.environ.get("DLLM_CPU_THREADS", "").strip()
+    if explicit.isdigit() and int(explicit) > 0:
+        return int(explicit)
     try:
-        with open(os.path.join(path, "trainer_state.json")) as fh:
-            json.load(fh)
-    except (OSError, json.JSONDecodeError):
-        return False
-    weights = glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin"))
-    return bool(weights)
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    workers = max(1, local_workers or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    share = max(1, cores // workers)
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        share = min(share, int(omp))
+    try:
+        free = (cores - os.getloadavg()[0]) / workers
+    except OSError:
+        free = share
+    return max(1, min(share, int(free + 0.5)))
 
 
 def build_training_args(cfg: TrainConfig, dtype, *, has_eval: bool):
     import torch
     from transformers import TrainingArguments
+
+    from .packing import packing_active
 
     on_cpu = cfg.train_device == "cpu" or not torch.cuda.is_available()
     report_to = ["tensorboard"] + (["wandb"] if cfg.log_to_wandb else [])
@@ -105,7 +117,8 @@ def build_training_args(cfg: TrainConfig, dtype, *, has_eval: bool):
         use_cpu=on_cpu,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.pack_sequences else "random",
+        # Packed batches mix lengths on purpose; bert cannot pack (packing_active) and groups instead.
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not packing_active(cfg) else "random",
         gradient_checkpointing=False,  # enabled on the model in loading.py (non-reentrant)
         torch_compile=cfg.torch_compile,
         disable_tqdm=False,
@@ -126,14 +139,31 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
     from .data import build_datasets
     from .loading import load_for_training
     from .noise import NoiseSchedule
+    from .packing import packing_active, packing_note
     from .trainer import DiffusionSettings, MDLMTrainer
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     stop_file = os.path.join(cfg.output_dir, "STOP")
     if os.path.exists(stop_file):
         os.remove(stop_file)  # a stale request from an earlier run must not stop this one
-    resume = find_resume_checkpoint(cfg, log=log)
+    if _is_main_worker():  # a run killed while saving leaves a .tmp-checkpoint-N folder (checkpoints.py)
+        from .checkpoints import remove_stale_staging
 
+        remove_stale_staging(cfg.output_dir, log=log)
+    resume = find_resume_checkpoint(cfg, log=log if _is_main_worker() else (lambda *_: None))
+    if resume and _is_main_worker():
+        log(f"[dllm] resuming from {resume}")
+
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # LoRA and fresh output heads are initialised from the seed: runs are reproducible
+    import torch
+
+    if cfg.train_device == "cpu" or not torch.cuda.is_available():
+        # Oversubscribed OpenMP threads cost several-fold on busy machines (default_cpu_threads).
+        torch.set_num_threads(default_cpu_threads())
+        if _is_main_worker():
+            log(f"[dllm] CPU training with {torch.get_num_threads()} thread(s) per worker (DLLM_CPU_THREADS overrides)")
     loaded = load_for_training(cfg, log=log)
     family, tokenizer = loaded.family, loaded.tokenizer
     prepared = build_datasets(
@@ -162,6 +192,8 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
         seed=cfg.seed,
         ce_chunk_size=cfg.ce_chunk_size,
         nonfinite_loss=cfg.nonfinite_loss,
+        elbo_samples=cfg.eval_elbo_samples,
+        elbo_rows=cfg.eval_elbo_rows,
     )
     collator = DiffusionCollator(
         family=family,
@@ -170,7 +202,11 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
         perbatch_cutoff=cfg.perbatch_cutoff,
         resp_cutoff_ratio=cfg.resp_cutoff_ratio,
         seed=cfg.seed,
+        # Padding-free packing into max_length sequences (packing.py); llada/dream only.
+        pack_length=cfg.max_length if packing_active(cfg) else None,
     )
+    if packing_note(cfg) and _is_main_worker():
+        log(packing_note(cfg))
     args = build_training_args(cfg, loaded.torch_dtype, has_eval=prepared.eval is not None)
     stopper = StopFileCallback(cfg.output_dir)
     callbacks = [EventCallback(), stopper, *extra_callbacks]
@@ -213,12 +249,16 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
     if stopper.stopped:
         log(f"[dllm] stop requested: stopped at step {trainer.state.global_step}; the checkpoint is kept in {cfg.output_dir}")
     else:
+        from .checkpoints import disk_errors
+
         if cfg.lora:
             result.adaptor_dir = adaptor_dir_for(cfg)
-            trainer.save_model(result.adaptor_dir)
+            with disk_errors("the LoRA adaptor", result.adaptor_dir, cfg.output_dir):
+                trainer.save_model(result.adaptor_dir)
         else:
             result.final_model_dir = final_model_dir_for(cfg)
-            trainer.save_model(result.final_model_dir)
+            with disk_errors("the final model", result.final_model_dir, cfg.output_dir):
+                trainer.save_model(result.final_model_dir)
     if trainer.is_world_process_zero():
         with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as fh:
             json.dump(metrics, fh, indent=2)

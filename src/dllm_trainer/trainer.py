@@ -2,6 +2,7 @@
 
 A training step, top to bottom (`compute_loss`):
 1. draw per-sample mask ratios t and masks from (seed, epoch, sample_index)      -> noise.py
+   (per packed segment when the batch is packed)                                  -> packing.py
 2. replace masked tokens with the mask token; prompt tokens stay visible
 3. run the model, computing the output head only at masked positions              -> families.py
 4. weight each masked token's cross-entropy (1/t, uniform or CART)                 -> loss_weights.py
@@ -22,6 +23,7 @@ from .errors import UserError
 from .families import FamilyStrategy
 from .loss_weights import token_weights
 from .noise import EVAL_STREAM, TRAIN_STREAM, NoiseSchedule, draw_masks
+from .packing import is_packed, packed_masked_token_loss, packed_noise_and_weights
 
 
 class NonFiniteLossError(UserError):
@@ -39,6 +41,8 @@ class DiffusionSettings:
     seed: int = 42
     ce_chunk_size: int = 4096
     nonfinite_loss: str = "stop"  # or "skip"
+    elbo_samples: int = 0  # Monte-Carlo samples per row for the eval likelihood bound (0: off)
+    elbo_rows: int = 32
     max_consecutive_skips: int = 10
 
 
@@ -70,6 +74,37 @@ def _zero_loss(model) -> torch.Tensor:
     return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
 
 
+class EpochSeededSampler(torch.utils.data.Sampler):
+    """A random order of the rows seeded by (seed, epoch) only, optionally length-grouped like
+    HF's LengthGroupedSampler (megabatches of `group_size` rows sorted by length). The epoch comes
+    from `set_epoch` (HF/accelerate call it each epoch), else from `epoch_fn`."""
+
+    def __init__(self, num_rows: int, seed: int, *, lengths=None, group_size: int = 1, epoch_fn=None):
+        self.num_rows = num_rows
+        self.seed = int(seed)
+        self.lengths = list(lengths) if lengths is not None else None
+        self.group_size = max(1, int(group_size))
+        self.epoch_fn = epoch_fn
+        self.epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self):
+        import numpy as np
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        epoch = self.epoch if self.epoch is not None else (self.epoch_fn() if self.epoch_fn else 0)
+        g = torch.Generator()
+        g.manual_seed(int(np.random.SeedSequence([self.seed, 0x5EED, epoch]).generate_state(1, np.uint64)[0] >> 1))
+        if self.lengths is None:
+            return iter(torch.randperm(self.num_rows, generator=g).tolist())
+        return iter(get_length_grouped_indices(self.lengths, self.group_size, generator=g))
+
+
 class MDLMTrainer(Trainer):
     # Our loss is already divided by the step's trainable-token count: no extra 1/GA scaling.
     loss_is_scaled_for_ga = True
@@ -92,23 +127,36 @@ class MDLMTrainer(Trainer):
         labels = inputs["labels"]
         attention_mask = inputs.get("attention_mask")
         training = model.training
-        masked, t = draw_masks(
-            labels,
-            inputs["sample_index"],
-            schedule=d.schedule,
-            seed=d.seed,
-            epoch=int(self.state.epoch or 0) if training else 0,
-            stream=TRAIN_STREAM if training else EVAL_STREAM,
-        )
+        epoch = int(self.state.epoch or 0) if training else 0
+        stream = TRAIN_STREAM if training else EVAL_STREAM
+        # Padding-free packed batch (packing.py): noise and loss weights are drawn per original row
+        # and scattered into the packed layout, so each segment gets exactly its unpacked noise.
+        packed = is_packed(inputs)
+        if packed:
+            masked, t, packed_weights = packed_noise_and_weights(
+                inputs, schedule=d.schedule, seed=d.seed, epoch=epoch, stream=stream,
+                weight_kind=d.weight_kind, geo_p=d.geo_p,
+            )
+        else:
+            masked, t = draw_masks(
+                labels, inputs["sample_index"], schedule=d.schedule, seed=d.seed, epoch=epoch, stream=stream
+            )
         noisy = torch.where(masked, torch.full_like(input_ids, d.mask_token_id), input_ids)
         positions = masked.flatten().nonzero().squeeze(1)
         targets = labels.flatten()[positions]
 
         if positions.numel() > 0:
-            token_loss, correct = d.family.masked_token_loss(
-                model, noisy, attention_mask, inputs.get("position_ids"), positions, targets, d.ce_chunk_size
-            )
-            weights = token_weights(d.weight_kind, masked, t, geo_p=d.geo_p, attention_mask=attention_mask)
+            if packed:  # block-diagonal attention, per-segment positions and Dream shift
+                token_loss, correct = packed_masked_token_loss(
+                    d.family, model, noisy, inputs["segment_ids"], inputs["position_ids"], positions, targets,
+                    d.ce_chunk_size,
+                )
+                weights = packed_weights
+            else:
+                token_loss, correct = d.family.masked_token_loss(
+                    model, noisy, attention_mask, inputs.get("position_ids"), positions, targets, d.ce_chunk_size
+                )
+                weights = token_weights(d.weight_kind, masked, t, geo_p=d.geo_p, attention_mask=attention_mask)
             weighted_sum = (token_loss * weights.flatten()[positions]).sum()
         else:
             # No masked token in this micro-batch (tiny t): a zero loss that still touches every
@@ -118,7 +166,7 @@ class MDLMTrainer(Trainer):
 
         trainable = (labels != -100).sum()
         if d.normalization == "masked_tokens":
-            ga = self.current_gradient_accumulation_steps if training else 1
+            ga = getattr(self, "current_gradient_accumulation_steps", 1) if training else 1
             loss = weighted_sum / (masked.sum().clamp(min=1) * ga)
         else:
             denom = num_items_in_batch if num_items_in_batch is not None else trainable
@@ -149,6 +197,73 @@ class MDLMTrainer(Trainer):
             f"the training loss became non-finite ({loss.item()}) at step {step}; stopping. "
             "Lower learning_rate, check the data, or set nonfinite_loss: skip. The last saved checkpoint is kept."
         )
+
+    # ---- exact resume: data order and atomic checkpoints (reliability; see checkpoints.py) -------
+    _checkpoint_staging_root: str | None = None  # set while AtomicCheckpointWriter saves
+
+    def _get_train_sampler(self, train_dataset=None):
+        """HF's random / length-grouped order, but drawn from (data_seed, epoch) alone: HF's
+        LengthGroupedSampler draws from the global torch RNG, so a run resumed into a later epoch
+        would see another order than the uninterrupted run."""
+        sampler = super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        strategy = self.args.train_sampling_strategy
+        if sampler is None or not (strategy == "group_by_length" or type(sampler) is torch.utils.data.RandomSampler):
+            return sampler
+        lengths = getattr(sampler, "lengths", None) if strategy == "group_by_length" else None
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return EpochSeededSampler(len(dataset), seed, lengths=lengths,
+                                  group_size=self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                  epoch_fn=lambda: int(self.state.epoch or 0))
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial):
+        epochs_trained, steps_in_epoch = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if resume_from_checkpoint is not None and self.state.global_step >= max_steps:
+            # The checkpoint already holds the last step: HF would train one step more.
+            return num_train_epochs, 0
+        return epochs_trained, steps_in_epoch
+
+    def _get_output_dir(self, trial):
+        # While a checkpoint is saved, HF's own checkpoint code writes into the staging folder.
+        return self._checkpoint_staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """HF's checkpoint, written to a staging folder and renamed into place (checkpoints.py)."""
+        from .checkpoints import AtomicCheckpointWriter
+
+        writer = AtomicCheckpointWriter(self, super()._get_output_dir(trial))
+        writer.save(model, lambda: Trainer._save_checkpoint(self, model, trial))
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """HF's eval loss (fixed noise) plus, when enabled, the Monte-Carlo ELBO likelihood bound."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if self.diffusion.elbo_samples > 0 and dataset is not None and len(dataset) > 0:
+            extra = self._elbo_metrics(dataset, metric_key_prefix)
+            self.log(extra)
+            metrics.update(extra)
+        return metrics
+
+    def _elbo_metrics(self, dataset, prefix: str) -> dict[str, float]:
+        from .elbo import corpus_elbo
+
+        d = self.diffusion
+        rows = dataset.select(range(min(d.elbo_rows, len(dataset))))
+        pairs = [(r["input_ids"][: r["prompt_len"]], r["input_ids"][r["prompt_len"]:]) for r in rows]
+        pairs = [p for p in pairs if len(p[1]) > 0]
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                res = corpus_elbo(model, pairs, mc_num=d.elbo_samples, batch_size=min(16, d.elbo_samples),
+                                  seed=d.seed, mask_token_id=d.mask_token_id)
+        finally:
+            model.train(was_training)
+        return {f"{prefix}_nll_bound": res["nll_per_token"], f"{prefix}_perplexity_bound": res["perplexity_bound"]}
 
     # ---- logging --------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

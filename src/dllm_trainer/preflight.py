@@ -1,0 +1,152 @@
+"""Checks run in the launching process BEFORE any worker starts (called by app.run_job).
+
+Everything that can be known about a job without training is checked here, so a bad job fails in
+about a second with one clear message instead of after the workers have started (and, with several
+workers, instead of once per worker):
+
+- output_dir (and adaptor_output_dir) can be created and written;
+- resume_from_checkpoint, when a path, is a complete checkpoint (checkpoints.py);
+- a LOCAL model: the folder exists and is a Hugging Face model (config.json), its architecture fits
+  training_method, max_length fits its positions, its weights exist and every safetensors file is
+  intact, its tokenizer loads and has a mask token or can be given one;
+- a LOCAL dataset: it exists and loads, is not empty, its columns name a known format (unless
+  templates are given), the templates compile, and, for datasets of up to PREFLIGHT_MAX_ROWS rows,
+  at least one row survives tokenisation and truncation (the same build_datasets the workers run).
+
+Hub ids (a model or dataset that is not a local path) are left to the workers: they may need the
+network and a token. Each failure raises ConfigError / ModelError / DataError.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import os
+import tempfile
+
+from .config import TrainConfig
+from .errors import ConfigError, DataError, ModelError
+
+PREFLIGHT_MAX_ROWS = 5000  # datasets up to this size are tokenised here once (cache shared with the workers)
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "model.safetensors.index.json")
+
+
+def run_preflight(cfg: TrainConfig, *, log=print) -> None:
+    check_output_dir(cfg.output_dir, "output_dir")
+    if cfg.adaptor_output_dir.strip():
+        check_output_dir(os.path.dirname(os.path.abspath(cfg.adaptor_output_dir)) or ".", "adaptor_output_dir")
+    check_resume(cfg)
+    if cfg.trust_remote_code:
+        log("[dllm] warning: trust_remote_code is on: Python code shipped with the model "
+            f"'{cfg.model_name}' will run. Turn it off unless you trust that code")
+    tokenizer = check_model(cfg) if _is_local(cfg.model_name) else None
+    if _is_local(cfg.dataset_name):
+        check_dataset(cfg, tokenizer)
+
+
+def _is_local(name: str) -> bool:
+    """A path that exists, or one that can only be meant as a path (absolute, ./, ~, ../, or 3+ parts)."""
+    name = (name or "").strip()
+    if not name:
+        return False
+    if os.path.exists(os.path.expanduser(name)):
+        return True
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_output_dir(path: str, field: str) -> None:
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".dllm-write-test-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{field} '{path}' is not a writable folder ({e.strerror or e}); choose a folder this "
+                          "user can create and write") from None
+
+
+def check_resume(cfg: TrainConfig) -> None:
+    spec = cfg.resume_from_checkpoint.strip()
+    if spec and spec != "latest":
+        from .checkpoints import resolve_resume
+
+        resolve_resume(spec, cfg.output_dir)
+
+
+def check_model(cfg: TrainConfig):
+    """Local model checks; returns the loaded tokenizer."""
+    from .loading import MASK_TOKEN_ADDED, check_family, load_model_config
+
+    path = os.path.expanduser(cfg.model_name.strip())
+    if not os.path.exists(path):
+        raise ModelError(f"model '{cfg.model_name}' does not exist (give a local model folder or a Hugging Face Hub id)")
+    if not os.path.isdir(path):
+        raise ModelError(f"model '{cfg.model_name}' is a file; give the model's folder (with config.json and the weights)")
+    if not os.listdir(path):
+        raise ModelError(f"model folder '{cfg.model_name}' is empty (expected config.json, the weights and a tokenizer)")
+    config = load_model_config(path, trust_remote_code=cfg.trust_remote_code)
+    check_family(config, cfg)
+
+    weights = sorted({f for pat in _WEIGHT_PATTERNS for f in glob.glob(os.path.join(glob.escape(path), pat))})
+    if not weights:
+        raise ModelError(f"model folder '{cfg.model_name}' has no weights (model.safetensors or pytorch_model.bin)")
+    from .checkpoints import safetensors_problem, torch_file_problem
+
+    for w in weights:
+        problem = (safetensors_problem(w) if w.endswith(".safetensors")
+                   else torch_file_problem(w) if w.endswith((".bin", ".pt")) else None)
+        if problem:
+            raise ModelError(f"model '{cfg.model_name}': the weights file {problem}; re-download or re-save the model")
+
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure is a model problem
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load a tokenizer for model '{cfg.model_name}': {first}") from None
+
+    mid = getattr(config, "mask_token_id", None)
+    vocab = getattr(config, "embedding_size", None) or getattr(config, "vocab_size", None)
+    if isinstance(mid, int) and mid >= 0 and isinstance(vocab, int) and mid >= vocab:
+        raise ModelError(f"model '{cfg.model_name}': mask_token_id {mid} (from its config.json) is outside its "
+                         f"vocabulary of {vocab} tokens; set mask_token_id in config.json to the tokenizer's mask token id")
+    if not (isinstance(mid, int) and mid >= 0) and tokenizer.mask_token_id is None:
+        try:
+            probe = copy.deepcopy(tokenizer)
+            probe.add_special_tokens({"mask_token": MASK_TOKEN_ADDED})
+            if probe.mask_token_id is None:
+                raise ValueError("the tokenizer did not accept a new special token")
+        except Exception as e:  # noqa: BLE001 - any failure means "cannot be extended"
+            raise ModelError(
+                f"the tokenizer of model '{cfg.model_name}' has no mask token and cannot be extended with one "
+                f"({type(e).__name__}: {e}); use a tokenizer with a mask token or a model config with mask_token_id"
+            ) from None
+    return tokenizer
+
+
+def check_dataset(cfg: TrainConfig, tokenizer=None) -> None:
+    from .data import build_datasets, detect_format, load_raw_dataset
+
+    source = os.path.expanduser(cfg.dataset_name.strip())
+    raw = load_raw_dataset(source, split=cfg.dataset_split or None)
+    rows = sum(ds.num_rows for ds in raw.values())
+    if not cfg.output_template:
+        try:
+            detect_format(raw["train"].column_names)
+        except DataError as e:
+            raise DataError(f"dataset '{cfg.dataset_name}': {e}") from None
+    if tokenizer is None or rows > PREFLIGHT_MAX_ROWS:
+        return
+    try:
+        build_datasets(
+            source, tokenizer, max_length=cfg.max_length, truncation=cfg.truncation,
+            mask_prompt_loss=cfg.mask_prompt_loss, input_template=cfg.input_template or None,
+            output_template=cfg.output_template or None, instruction_template=cfg.instruction_template or None,
+            num_proc=1, seed=cfg.seed, split=cfg.dataset_split or None, log=None,
+        )
+    except (ConfigError, DataError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the workers would fail on it the same way
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"dataset '{cfg.dataset_name}' cannot be prepared: {first}") from None

@@ -1,0 +1,206 @@
+"""`dllm-trainer generate` / `chat` logic (dllm_trainer.chat) on a tiny model folder."""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dllm_trainer  # noqa: F401
+from dllm_trainer import chat
+from dllm_trainer.families import get_family
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
+
+MASK = 500
+CHAIN = "456789ab"  # ids 10..17 of the tiny tokenizer; the model learns "next char of CHAIN"
+
+
+def chain_steps(text: str) -> int:
+    """How many adjacent character pairs of ``text`` follow the cycle CHAIN."""
+    return sum(
+        a in CHAIN and b == CHAIN[(CHAIN.index(a) + 1) % len(CHAIN)] for a, b in zip(text, text[1:])
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _fit_chain(model, steps=400, lr=3e-3, n=8, length=32):
+    fam = get_family(model)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        start = torch.randint(0, 8, (n, 1), generator=g)
+        x = 10 + (start + torch.arange(length)) % 8
+        t = 0.05 + 0.95 * torch.rand(n, 1, generator=g)
+        masked = torch.rand(x.shape, generator=g) < t
+        logits = fam.align_logits(model(input_ids=x.masked_fill(masked, MASK)).logits)
+        ce = F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="none").view_as(x)
+        loss = (ce * masked / t).sum() / x.numel()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(llada_tiny, tmp_path_factory):
+    """The LLaDA fixture fitted to the character chain, saved with the tiny tokenizer."""
+    from transformers import AutoModel
+
+    out = tmp_path_factory.mktemp("tiny-llada-chat")
+    model = _fit_chain(AutoModel.from_pretrained(llada_tiny))
+    model.save_pretrained(out)
+    tok = make_tiny_tokenizer(vocab_size=512, mask_id=500, eos_id=2, pad_id=2)
+    tok.save_pretrained(out)
+    assert tok(CHAIN, add_special_tokens=False)["input_ids"] == list(range(10, 18))
+    return out
+
+
+def _args(kind, *argv):
+    parser = chat.build_parser()
+    return parser.parse_args([kind, *argv])
+
+
+def _run_generate(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    rc = chat.run_generate(_args("generate", *argv), stdout=out, stderr=err)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _run_chat(script, *argv):
+    out, err = io.StringIO(), io.StringIO()
+    rc = chat.run_chat(_args("chat", *argv), stdin=io.StringIO(script), stdout=out, stderr=err)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_generate_raw_continues_the_chain(model_dir):
+    rc, out, err = _run_generate("--model", str(model_dir), "--prompt", CHAIN * 2, "--raw",
+                                 "--gen-length", "8", "--steps", "8", "--no-stop-at-eos")
+    assert rc == 0, err
+    assert err == ""
+    text = out.rstrip("\n")
+    # the fitted model continues the cycle; allow a slip, but most characters must follow it
+    assert len(text) == 8
+    assert chain_steps(CHAIN[-1] + text) >= 6, text
+
+
+def test_generate_with_template_threshold_and_cache(model_dir):
+    base = ["--model", str(model_dir), "--prompt", "hello", "--gen-length", "16", "--block-length", "8"]
+    rc, out, err = _run_generate(*base, "--steps", "16")
+    assert rc == 0 and err == "" and out.endswith("\n")
+    rc2, out2, err2 = _run_generate(*base, "--steps", "16", "--threshold", "0.9", "--cache", "dual")
+    assert rc2 == 0 and err2 == ""
+
+
+def test_generate_infill_keeps_text_and_fills(model_dir):
+    prompt = "4567<|mdm_mask|>9ab456<|mdm_mask|>89"
+    rc, out, err = _run_generate("--model", str(model_dir), "--prompt", prompt)
+    assert rc == 0, err
+    assert out.rstrip("\n") == "456789ab456789"  # the unmasked characters are kept, the holes filled
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "/nonexistent/model", "--prompt", "x"], "does not exist"),
+    (["--prompt", "x", "--strategy", "bogus"], "unknown --strategy 'bogus'"),
+    (["--prompt", "x", "--strategy", "maskgit_plus"], "does not apply to the llada family"),
+    (["--prompt", "x", "--cache", "full"], "unknown --cache"),
+    (["--prompt", "x", "--gen-length", "16", "--block-length", "5"], "multiple of block_length"),
+    (["--prompt", "x", "--gen-length", "16", "--block-length", "4", "--steps", "6"], "divisible"),
+    (["--prompt", "x", "--temperature", "-1"], "--temperature"),
+])
+def test_generate_bad_inputs_give_one_clear_error(model_dir, argv, needle):
+    if "--model" not in argv:
+        argv = ["--model", str(model_dir), *argv]
+    rc, out, err = _run_generate(*argv)
+    assert rc != 0
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+
+
+def test_bad_model_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    rc, _, err = _run_generate("--model", str(tmp_path / "empty"), "--prompt", "x")
+    assert rc != 0 and "no config.json" in err and "Traceback" not in err
+
+
+def test_no_traceback_from_the_command_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dllm_trainer.chat", "generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error: ") and "does not exist" in proc.stderr
+
+
+def test_scripted_chat_session(model_dir):
+    script = "\n".join([
+        "hi there",
+        ":complete 8",
+        ":mask 0.5 456789ab456789ab",
+        ":bogus",
+        ":complete x",
+        "again",
+        ":quit",
+        "never read",
+    ]) + "\n"
+    argv = ["--model", str(model_dir), "--gen-length", "8", "--steps", "8", "--seed", "3"]
+    rc, out, err = _run_chat(script, *argv)
+    assert rc == 0
+    # two bad commands -> two one-line errors, the session goes on
+    err_lines = err.strip().splitlines()
+    assert len(err_lines) == 2 and all(line.startswith("error: ") for line in err_lines), err
+    assert "unknown command ':bogus'" in err_lines[0] and ":complete needs a number" in err_lines[1]
+    masked = [line for line in out.splitlines() if line.startswith("masked: ")]
+    filled = [line for line in out.splitlines() if line.startswith("filled: ")]
+    assert len(masked) == 1 and len(filled) == 1
+    assert masked[0].count("<|mdm_mask|>") == 8
+    filled_text = filled[0][len("filled: "):]
+    assert sum(a == b for a, b in zip(filled_text, "456789ab456789ab")) >= 14, filled_text
+    # the same script with the same seed prints the same thing
+    assert _run_chat(script, *argv) == (rc, out, err)
+
+
+def test_chat_raw_mode_and_eof(model_dir):
+    rc, out, err = _run_chat(CHAIN + "\n:complete 4\n", "--model", str(model_dir), "--raw",
+                             "--gen-length", "8", "--no-stop-at-eos")
+    assert rc == 0 and err == ""  # EOF ends the session normally
+    lines = out.splitlines()
+    assert len(lines) == 2
+    reply, more = lines
+    assert chain_steps(CHAIN[-1] + reply) >= 6, reply  # the chain continues
+    assert len(more) == 4
+
+
+def test_chat_bad_model_is_one_error(tmp_path):
+    rc, out, err = _run_chat("hi\n", "--model", str(tmp_path / "nope"))
+    assert rc == 2 and out == "" and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_add_args_functions_wire_into_any_parser():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd")
+    chat.add_generate_args(sub.add_parser("generate"))
+    chat.add_chat_args(sub.add_parser("chat"))
+    a = p.parse_args(["generate", "--model", "m", "--prompt", "t", "--threshold", "0.9", "--cache", "dual"])
+    assert a.threshold == 0.9 and a.cache == "dual" and a.stop_at_eos is True
+    b = p.parse_args(["chat", "--model", "m", "--steps", "4", "--device", "cpu", "--seed", "1"])
+    assert b.steps == 4 and b.device == "cpu" and b.seed == 1
