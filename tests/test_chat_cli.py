@@ -1,7 +1,6 @@
 """`dllm-trainer generate` / `chat` logic (dllm_trainer.chat) on a tiny model folder."""
 from __future__ import annotations
 
-import copy
 import io
 import os
 import subprocess
@@ -204,3 +203,11 @@ def test_add_args_functions_wire_into_any_parser():
     assert a.threshold == 0.9 and a.cache == "dual" and a.stop_at_eos is True
     b = p.parse_args(["chat", "--model", "m", "--steps", "4", "--device", "cpu", "--seed", "1"])
     assert b.steps == 4 and b.device == "cpu" and b.seed == 1
+
+
+def test_bad_command_line_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        chat.main(["generate", "--model", "m", "--prompt", "x", "--steps", "abc"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--steps" in err[0]

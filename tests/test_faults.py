@@ -1,7 +1,7 @@
 """Faults during training: a non-finite loss, a full disk while saving, a worker that dies.
 
 - nonfinite_loss stop: the run ends with a NonFiniteLossError naming the step; the checkpoints
-  saved before stay valid; through main.py the job fails (non-zero exit, one line, no traceback).
+  saved before stay valid; in (emulated) Transformer Lab the job is FAILED (one line, no traceback).
 - nonfinite_loss skip: bad micro-batches are skipped and counted (metrics), at most 10 in a row.
 - a checkpoint whose weights are not finite is never written.
 - ENOSPC while writing a checkpoint (or the final model): CheckpointWriteError naming the folder
@@ -29,7 +29,7 @@ from dllm_trainer import checkpoints as ck
 from dllm_trainer.checkpoints import CheckpointWriteError, NonFiniteWeightsError
 from dllm_trainer.config import TrainConfig
 from dllm_trainer.trainer import NonFiniteLossError
-from rel_helpers import REPO, llada_job, make_llada_dir, pids_alive, subprocess_env
+from rel_helpers import CHAT, REPO, llada_job, make_llada_dir, pids_alive, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -144,25 +144,32 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path):
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_fails_the_job_through_main_py(tmp_path, llada_dir):
-    # a model whose weights hold an inf: the very first loss is NaN
+def test_nonfinite_loss_fails_the_transformer_lab_job(tmp_path):
+    """End to end: a model whose weights hold an inf makes the very first loss NaN; the job is FAILED
+    with the step named, one error line, no traceback, no model registered."""
     from safetensors.torch import load_file, save_file
+
+    from lifecycle_tl import Workspace
 
     bad = make_llada_dir(tmp_path / "inf-model")
     w = load_file(str(bad / "model.safetensors"))
     name = next(k for k in w if k.endswith("ff_out.weight"))
     w[name][0, 0] = float("inf")
     save_file(w, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    cfg = llada_job(bad, tmp_path / "out", train_steps=3)
-    cfg_path = tmp_path / "job.json"
-    cfg_path.write_text(json.dumps(cfg))
-    proc = subprocess.run([sys.executable, str(REPO / "main.py"), "--config", str(cfg_path)], capture_output=True,
-                          text=True, env=subprocess_env(), timeout=300, cwd=tmp_path)
+    ws = Workspace.create(tmp_path)
+    form = {k: v for k, v in llada_job(bad, tmp_path, train_steps=3).items()
+            if k not in ("model_name", "dataset_name", "output_dir")}
+    job = ws.create_job("exp", form, model_name=str(bad), dataset_name=str(CHAT), adaptor_name="never")
+    proc = ws.run_plugin(job, cwd=tmp_path, timeout=300)
     console = proc.stdout + proc.stderr
     assert proc.returncode != 0
     errors = [l for l in console.splitlines() if l.startswith("[dllm-error]")]
     assert len(errors) == 1 and "the training loss became non-finite (nan) at step 1" in errors[0], console[-3000:]
     assert "Traceback" not in console
+    assert ws.process_exited(job.job_id) == "FAILED"
+    details = ws.job_json(job.job_id)["job_data"]["completion_details"]
+    assert "non-finite (nan) at step 1" in details
+    assert not (ws.workspace / "models" / "never").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -320,3 +320,42 @@ ev(event="result", stopped=False, adaptor_dir=None, final_model_dir="/x", metric
     res = run_workers(plan, output_dir=str(tmp_path / "out"), env=dict(os.environ), on_progress=broken)
     assert res.ok and res.step == 3 and res.result is not None
     assert capsys.readouterr().err.count("broken failed (OSError: job file unwritable)") == 1
+
+
+@pytest.mark.slow
+def test_launcher_dies_with_a_killed_app(tmp_path):
+    """SIGKILL of the app process cannot be handled; the launcher then gets SIGTERM from the
+    kernel (PR_SET_PDEATHSIG) so that torchrun still shuts its workers down."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux-only")
+    import signal
+    import subprocess
+
+    pidfile = tmp_path / "launcher.pid"
+    worker = tmp_path / "launcher.py"
+    worker.write_text(f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    app_code = textwrap.dedent(f"""
+        import sys
+        from dllm_trainer.launcher import LaunchPlan, run_workers
+        plan = LaunchPlan(argv=[sys.executable, {str(worker)!r}], env={{}}, num_processes=1, world_size=1, description="x")
+        run_workers(plan, output_dir={str(tmp_path / 'out')!r}, env=None)
+    """)
+    app_proc = subprocess.Popen([sys.executable, "-c", app_code])
+    try:
+        deadline = time.monotonic() + 60
+        while not pidfile.exists():
+            assert time.monotonic() < deadline and app_proc.poll() is None, "the fake launcher did not start"
+            time.sleep(0.1)
+        time.sleep(0.3)
+        launcher_pid = int(pidfile.read_text())
+        os.kill(app_proc.pid, signal.SIGKILL)
+        app_proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _alive(launcher_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(launcher_pid)
+    finally:
+        if app_proc.poll() is None:
+            app_proc.kill()
+        if pidfile.exists() and _alive(int(pidfile.read_text())):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)

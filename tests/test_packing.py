@@ -251,3 +251,46 @@ def test_training_args_sampling_strategy(tmp_path):
     assert strategy(training_method="llada", pack_sequences=True) == "random"  # packing mixes lengths
     assert strategy(training_method="bert", pack_sequences=True) == "group_by_length"  # fallback
     assert strategy(training_method="dream", group_by_length=False) == "random"
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_run_training_with_packing(request, tmp_path, monkeypatch, family):
+    """run_training with pack_sequences: packed batches reach the trainer (train and eval), the loss
+    falls, and the packing log line is printed."""
+    import math
+
+    from core_helpers import LogRecorder, copy_with_tokenizer
+    from dllm_trainer.data import asset_path
+    from dllm_trainer.train import run_training
+    from tiny_tokenizer import make_tiny_tokenizer
+
+    monkeypatch.setenv("DLLM_CPU_THREADS", "1")
+    model_dir = copy_with_tokenizer(request.getfixturevalue(f"{family}_tiny"), tmp_path / "model", make_tiny_tokenizer())
+    cfg = TrainConfig.from_dict(dict(
+        model_name=str(model_dir), dataset_name=str(asset_path("chat_small.jsonl")), output_dir=str(tmp_path / "out"),
+        training_method=family, train_device="cpu", max_length=64, batch_size=8, num_train_epochs=0, train_steps=24,
+        logging_steps=1, eval_strategy="steps", eval_steps=12, save_steps=1000, warmup_ratio=0,
+        learning_rate_schedule="constant", seed=3, lora=False, learning_rate=3e-3, pack_sequences=True))
+
+    seen = []
+    from dllm_trainer import trainer as trainer_mod
+
+    original = trainer_mod.MDLMTrainer.compute_loss
+
+    def spy(self, model, inputs, *a, **kw):
+        seen.append((tuple(inputs["input_ids"].shape), len(inputs["sample_index"]), "segment_ids" in inputs))
+        return original(self, model, inputs, *a, **kw)
+
+    monkeypatch.setattr(trainer_mod.MDLMTrainer, "compute_loss", spy)
+    rec, lines = LogRecorder(), []
+    result = run_training(cfg, log=lines.append, extra_callbacks=[rec])
+    assert result.global_step == 24
+    assert all(packed for _, _, packed in seen)
+    assert any(shape[0] < rows for shape, rows, _ in seen)  # several rows per packed sequence
+    assert all(shape[1] <= 64 for shape, _, _ in seen)
+    losses = rec.train_losses()
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-6:]) / 6 < 0.85 * sum(losses[:6]) / 6, losses
+    assert any("eval_loss" in e for e in rec.logs)
+    assert any("pack_sequences" in ln for ln in lines) == (family == "llada"), lines

@@ -11,7 +11,8 @@ KV caching is an approximation by design (bidirectional attention: cached K/V go
 are revealed), so cached sampling is checked (a) exactly at the plumbing level: a cached
 forward over an unchanged sequence gives the uncached logits for every window the sampler
 uses, and (b) statistically: on models briefly fitted to a learnable corpus, at least
-CACHE_AGREEMENT_BOUND of the generated tokens equal the uncached output (measured: 0.98-1.0).
+CACHE_AGREEMENT_BOUND of the generated tokens equal the uncached output (measured on 12
+settings per family and mode: LLaDA 0.969-1.0, Dream 1.0).
 On the random-weight fixtures the agreement is much lower (LLaDA: about 0.2-0.5 of the
 generated tokens), because their near-uniform predictions flip on tiny logit changes; it is
 reported by test_cache_agreement_on_fixtures with only a sanity bound.
@@ -350,7 +351,8 @@ def test_cache_agreement_on_fixtures(llada, dream, llada_tiny, dream_tiny):
 @pytest.mark.parametrize("cache", [None, "dual"])
 def test_threshold_decoding_on_fitted_models(fitted, family, cache):
     """Threshold 0.9 changes the decoding order, so it is compared loosely with the vanilla
-    output (measured 0.73-0.98 of the tokens equal), and must save forwards."""
+    output (measured: 0.984 of the tokens equal, 9-11 forwards instead of 32), and must save
+    forwards."""
     model = fitted[family]
     prompt = chain_corpus(4, 8, torch.Generator().manual_seed(5))
     ref = generate(model, prompt, gen_length=32, steps=32, block_length=8)
@@ -358,7 +360,7 @@ def test_threshold_decoding_on_fitted_models(fitted, family, cache):
     out = generate(model, prompt, gen_length=32, steps=32, block_length=8, threshold=0.9, cache=cache, stats=stats)
     assert torch.equal(out[:, :8], prompt) and not (out == MASK).any()
     assert stats["nfe"] <= 16  # several tokens per forward (vanilla: 32)
-    assert (out[:, 8:] == ref[:, 8:]).float().mean().item() >= 0.6
+    assert (out[:, 8:] == ref[:, 8:]).float().mean().item() >= 0.8
 
 
 # ------------------------------------------------------------------------------------------
@@ -463,3 +465,23 @@ def test_errors(llada, tiny_bert):
         generate(llada, p, gen_length=8, steps=8, treshold=0.9)
     with pytest.raises(ValueError, match="dream family only"):
         generate(llada, p, gen_length=8, steps=8, top_p=0.9)
+
+
+def test_dream_top_p_top_k_filters():
+    from dllm_trainer.sampling.dream_style import top_k_filter, top_p_filter
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    keep = lambda t: (t > torch.finfo(t.dtype).min).tolist()[0]  # noqa: E731
+    assert keep(top_k_filter(logits, 2)) == [True, True, False, False]
+    assert keep(top_p_filter(logits, 0.7)) == [True, True, False, False]  # 0.5 < 0.7 <= 0.8
+    assert keep(top_p_filter(logits, 0.4)) == [True, False, False, False]  # the first is always kept
+    assert keep(top_p_filter(logits, 0.99)) == [True, True, True, True]
+
+
+def test_dream_top_k_one_samples_the_argmax(random_dream):
+    """With top_k=1 sampling can only pick the argmax token, so every generated token is one the
+    greedy proposal would also give at that step (checked on the first step: full reveal)."""
+    prompt = torch.randint(2, 120, (2, 6), generator=torch.Generator().manual_seed(11))
+    out = generate(random_dream, prompt, gen_length=8, steps=1, temperature=1.0, top_k=1, seed=0)
+    greedy = generate(random_dream, prompt, gen_length=8, steps=1)
+    assert torch.equal(out, greedy)

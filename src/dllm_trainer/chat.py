@@ -178,10 +178,21 @@ def load_session(path: str, device: str = "auto", dtype: str = "auto") -> Sessio
         else:
             raise ModelError(f"cannot load a tokenizer for model '{path}': {_first_line(e)}") from None
     auto_cls = AutoModelForMaskedLM if family.name == "bert" else AutoModel
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the multi-line load report is replaced by one warning below
     try:
-        model = auto_cls.from_pretrained(path, config=config, dtype=torch_dtype)
+        model, info = auto_cls.from_pretrained(path, config=config, dtype=torch_dtype, output_loading_info=True)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"cannot load the weights of model '{path}': {_first_line(e)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = list(info.get("missing_keys", []) or [])
+    if missing:
+        print(
+            f"warning: {len(missing)} weights of '{path}' are not in the checkpoint and were initialised at "
+            f"random (e.g. {sorted(missing)[0]}): outputs are meaningless until the model is trained",
+            file=sys.stderr,
+        )
     model.to(dev).eval()
 
     mask_id = getattr(model.config, "mask_token_id", None)
@@ -489,9 +500,16 @@ def run_chat(args, stdin=None, stdout=None, stderr=None) -> int:
             print(f"error: {e}", file=stderr, flush=True)
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad command line prints one ``error: ...`` line (exit code 2)."""
+
+    def error(self, message):  # noqa: D401
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dllm-trainer", description="sample from a diffusion LM")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _OneLineErrorParser(prog="dllm-trainer", description="sample from a diffusion LM")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineErrorParser)
     add_generate_args(sub.add_parser("generate", help="generate from one prompt"))
     add_chat_args(sub.add_parser("chat", help="interactive chat on stdin/stdout"))
     return parser

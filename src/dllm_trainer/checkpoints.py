@@ -18,8 +18,8 @@ Validating (`checkpoint_problems`)
     A checkpoint is usable when trainer_state.json parses (with a global_step), the weights exist
     and every `*.safetensors` header is intact and matches the file size (a truncated or zeroed
     file is caught without loading it), the torch files (`*.pt`, `*.pth`, `*.bin`) are complete zip
-    archives, and, when `dllm_checkpoint.json` is there, every listed file exists with its recorded
-    size (and one RNG state per worker). `latest_valid_checkpoint` walks `checkpoint-*` from the
+    archives, and, when `dllm_checkpoint.json` is there, every listed file (among them one RNG
+    state per worker) exists with its recorded size. `latest_valid_checkpoint` walks `checkpoint-*` from the
     highest step down, logging why each broken one is skipped.
 """
 from __future__ import annotations
@@ -179,11 +179,6 @@ def checkpoint_problems(path: str, *, need_optimizer: bool = True) -> list[str]:
                 problems.append(f"{name} is missing")
             elif os.path.getsize(p) != size:
                 problems.append(f"{name} has {os.path.getsize(p)} bytes, {size} were written")
-        world = manifest.get("world_size")
-        if isinstance(world, int) and world > 1:
-            for rank in range(world):
-                if not os.path.isfile(os.path.join(path, f"rng_state_{rank}.pth")):
-                    problems.append(f"rng_state_{rank}.pth is missing")
 
     if need_optimizer:
         problems += [f"no {f} (needed to resume the optimizer exactly)" for f in RESUME_FILES if f not in files]
@@ -306,18 +301,18 @@ def remove_stale_staging(output_dir: str, *, log=print) -> None:
             log(f"[dllm] removed the unfinished checkpoint {d} of an interrupted run")
 
 
-def rotate(output_dir: str, limit: int | None, keep: str) -> None:
+def rotate(output_dir: str, limit: int | None, keep: str, also_keep: str | None = None) -> None:
     """Keep at most `limit` checkpoint-N folders: the oldest steps go first; `keep` (the one just
-    written) is never deleted, whatever its step."""
+    written) and `also_keep` (HF's best checkpoint) are never deleted, whatever their step."""
     if not limit or limit <= 0:
         return
     ckpts = [p for _, p in sorted(list_checkpoints(output_dir))]  # oldest step first
-    keep = os.path.abspath(keep)
+    protected = {os.path.abspath(x) for x in (keep, also_keep) if x}
     excess = len(ckpts) - limit
     for p in ckpts:
         if excess <= 0:
             break
-        if os.path.abspath(p) == keep:
+        if os.path.abspath(p) in protected:
             continue
         shutil.rmtree(p, ignore_errors=True)
         excess -= 1
@@ -399,7 +394,8 @@ class AtomicCheckpointWriter:
                 _fsync_tree(self.staged)
                 commit(self.staged, self.final)
                 shutil.rmtree(self.staging_root, ignore_errors=True)
-                rotate(self.run_dir, trainer.args.save_total_limit, keep=self.final)
+                rotate(self.run_dir, trainer.args.save_total_limit, keep=self.final,
+                       also_keep=trainer.state.best_model_checkpoint)
             except Exception as e:  # noqa: BLE001
                 failure = e
         if failure is not None:
@@ -411,6 +407,8 @@ class AtomicCheckpointWriter:
                 raise CheckpointWriteError(disk_full_message(f"checkpoint {self.name}", self.run_dir, self.run_dir)) from None
             raise failure
         self._barrier()
+        if not main and getattr(trainer.args, "local_process_index", 0) == 0:
+            shutil.rmtree(self.staging_root, ignore_errors=True)  # another machine's own (unshared) staging
 
 
 class disk_errors:

@@ -316,6 +316,17 @@ def _telling_line(lines: list[str]) -> str:
     return ""
 
 
+def _die_with_parent() -> None:
+    """In the launcher child (Linux): get SIGTERM if the app process dies without cleaning up
+    (e.g. SIGKILL), so torchrun still shuts its workers down."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
 def _append_debug(output_dir: str, line: str) -> None:
     try:
         with open(os.path.join(output_dir, "debug.log"), "a", encoding="utf-8") as fh:
@@ -485,6 +496,7 @@ def run_workers(
             env=env,
             cwd=output_dir,
             start_new_session=True,  # our own process group: signals to the app don't hit the workers twice
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
     except OSError as e:
         raise WorkerFailed(f"cannot start the training workers ({plan.argv[0]}): {e.strerror or e}") from None

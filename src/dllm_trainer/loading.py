@@ -53,6 +53,11 @@ def load_model_config(path: str, *, trust_remote_code: bool = False):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not os.path.exists(path) and (path.startswith(("/", ".", "~")) or path.count("/") > 1):
             raise ModelError(f"model '{path}' does not exist (give a local model folder or a Hugging Face Hub id)") from None
+        if "custom code" in first or "trust_remote_code" in first:
+            raise ModelError(
+                f"model '{path}' can only be loaded by running Python code shipped with it (auto_map), and "
+                "trust_remote_code is off; set trust_remote_code: true only if you trust that code"
+            ) from None
         raise ModelError(f"cannot load the config of model '{path}': {first}") from None
 
 

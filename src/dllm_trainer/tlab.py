@@ -76,6 +76,33 @@ def _prepare_sdk_environment(job_id: str) -> None:
     os.environ["_TFL_JOB_ID"] = str(job_id)
 
 
+def _settle_sdk_index_rebuild() -> None:
+    """(reliability) SDK 0.0.83 rebuilds the experiment's job index in a daemon thread after every
+    status update; when the job's process exits while that thread is in a rebuild, the SDK logs
+    "cannot schedule new futures after interpreter shutdown" WITH A TRACEBACK into the job's log.
+    After the job's final status: run the pending rebuilds here (they read the final status) and
+    keep the background thread's now redundant shutdown error out of the log."""
+    import logging
+
+    try:
+        from lab.experiment import Experiment
+    except ImportError:  # pragma: no cover - other SDK layouts
+        return
+    lock = getattr(Experiment, "_cache_rebuild_lock", None)
+    pending_set = getattr(Experiment, "_cache_rebuild_pending", None)
+    if lock is None or pending_set is None:
+        return
+    with lock:
+        pending = set(pending_set)
+        pending_set.clear()
+    for experiment_id, workspace_dir in pending:
+        try:
+            asyncio.run(Experiment(experiment_id).rebuild_jobs_index(workspace_dir=workspace_dir))
+        except Exception:  # noqa: BLE001 - the app rebuilds the index itself too
+            pass
+    logging.getLogger(Experiment.__module__).setLevel(logging.CRITICAL)
+
+
 class TransformerLabReporter:
     """Reports one job to Transformer Lab and resolves workspace names. See the module docstring."""
 
@@ -145,17 +172,20 @@ class TransformerLabReporter:
 
     def complete(self, message: str, score: dict) -> None:
         self.sdk.finish(message, score=_clean_scalars(score))
+        _settle_sdk_index_rebuild()
 
     def fail(self, reason: str) -> None:
         self.sdk.error(reason)
         _run(self.job.set_error_message(reason))
         self._set_status("FAILED")
+        _settle_sdk_index_rebuild()
 
     def stopped(self, message: str) -> None:
         self._set_field("completion_status", "stopped")
         self._set_field("completion_details", message)
         self._set_field("end_time", time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
         self._set_status("STOPPED")
+        _settle_sdk_index_rebuild()
 
     # ---- secrets and checkpoints -------------------------------------------------------------
     def secret(self, name: str) -> str | None:

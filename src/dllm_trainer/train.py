@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .config import TrainConfig
-from .errors import ConfigError, UserError
+from .errors import UserError
 
 
 @dataclass
