@@ -211,8 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--p-next", type=float, default=0.75, help="synthetic language: P(next word = successor)")
     ap.add_argument("--fit-steps", type=int, default=None,
                     help="Adam steps on the synthetic corpus (default 400; 0 with --model, where it continues training)")
-    ap.add_argument("--fit-batch", type=int, default=8)
-    ap.add_argument("--fit-length", type=int, default=64)
+    ap.add_argument("--fit-batch", type=int, default=2)
+    ap.add_argument("--fit-length", type=int, default=None, help="training sequence length (default: prompt + gen)")
     ap.add_argument("--fit-lr", type=float, default=3e-3)
     ap.add_argument("--save-model", default=None, help="save the fitted default model here")
     args = ap.parse_args(argv)
@@ -230,6 +230,8 @@ def main(argv=None) -> int:
     fit_seconds = 0.0
     if args.fit_steps is None:
         args.fit_steps = 0 if args.model else 400
+    if args.fit_length is None:
+        args.fit_length = args.prompt_length + args.gen_length
     if args.model:
         model = load_model(args.model)
         corpus = model_corpus(model, args)

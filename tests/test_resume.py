@@ -306,3 +306,59 @@ def test_train_order_depends_on_seed_and_epoch_only():
     c = EpochSeededSampler(57, 42, epoch_fn=lambda: 1)  # plain random order, epoch from the trainer state
     assert list(c) == list(c) and sorted(c) == list(range(57))
     assert list(EpochSeededSampler(57, 43, epoch_fn=lambda: 1)) != list(c)
+
+
+def test_dream_cutoffs_do_not_depend_on_any_global_rng():
+    """The Dream response cutoffs are drawn from the batch's sample indices, so a resumed run
+    collates every batch exactly as the uninterrupted one (whatever the global RNGs hold)."""
+    import random
+
+    import numpy as np
+
+    from dllm_trainer.collator import DiffusionCollator
+    from dllm_trainer.families import DREAM
+
+    rows = [{"input_ids": list(range(3, 3 + n)), "labels": [-100] * 2 + list(range(5, 3 + n)), "prompt_len": 2,
+             "sample_index": 10 + n} for n in (5, 9, 14, 7)]
+    for kw in (dict(perbatch_cutoff=True), dict(perbatch_cutoff=False, resp_cutoff_ratio=1.0)):
+        collate = DiffusionCollator(family=DREAM, pad_token_id=0, eos_token_id=1, seed=3, **kw)
+        outs = []
+        for seed in (0, 1):
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            outs.append(collate([dict(r) for r in rows]))
+        assert outs[0].keys() == outs[1].keys()
+        assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_the_app_resolves_latest_before_launching(tmp_path):
+    """'latest' -> the newest valid checkpoint of output_dir (broken ones logged); with none there,
+    the checkpoint the app (Transformer Lab) asks to resume from; '' -> the app's; a path stays."""
+    from dllm_trainer import app
+    from dllm_trainer.config import TrainConfig
+
+    class Rep(app.StandaloneReporter):
+        def __init__(self, offer):
+            super().__init__(log=lambda *_: None)
+            self.offer = offer
+
+        def checkpoint_to_resume(self):
+            return self.offer
+
+    out = tmp_path / "out"
+    cfg = lambda spec: TrainConfig.from_dict({"model_name": "m", "dataset_name": "d", "output_dir": str(out),  # noqa: E731
+                                              "resume_from_checkpoint": spec})
+    sdk_ckpt = str(make_checkpoint(tmp_path / "parent-job" / "checkpoint-9", 9))
+    logged = []
+    assert app._resume_request(cfg("latest"), Rep(None), logged.append).resume_from_checkpoint == "latest"
+    assert app._resume_request(cfg("latest"), Rep(sdk_ckpt), logged.append).resume_from_checkpoint == sdk_ckpt
+    assert app._resume_request(cfg(""), Rep(sdk_ckpt), logged.append).resume_from_checkpoint == sdk_ckpt
+    assert app._resume_request(cfg(""), Rep(None), logged.append).resume_from_checkpoint == ""
+    make_checkpoint(out / "checkpoint-2", 2)
+    broken = make_checkpoint(out / "checkpoint-4", 4)
+    (broken / "optimizer.pt").write_bytes(b"PK")
+    logged.clear()
+    assert app._resume_request(cfg("latest"), Rep(sdk_ckpt), logged.append).resume_from_checkpoint == str(out / "checkpoint-2")
+    assert any("checkpoint-4 is incomplete or corrupt (optimizer.pt" in m for m in logged)
+    assert app._resume_request(cfg(sdk_ckpt), Rep(None), logged.append).resume_from_checkpoint == sdk_ckpt

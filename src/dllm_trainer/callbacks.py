@@ -143,6 +143,7 @@ class SampleCallback(TrainerCallback):
 
 def _encode_prompt(tokenizer, prompt: str) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)
+        return list(enc["input_ids"])
     return tokenizer(prompt)["input_ids"]

@@ -69,7 +69,7 @@ def exact_match(model, tokenizer, rows: list[dict], *, steps: int = ANSWER_TOKEN
     return hits / len(rows)
 
 
-def run_demo(output_dir: str, *, train_steps: int = 300, batch_size: int = 32, learning_rate: float = 1e-4,
+def run_demo(output_dir: str, *, train_steps: int = 200, batch_size: int = 32, learning_rate: float = 1.5e-4,
              seed: int = 0) -> dict:
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -141,9 +141,9 @@ def run_demo(output_dir: str, *, train_steps: int = 300, batch_size: int = 32, l
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dllm-trainer demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--output-dir", default="demo_output")
-    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--train-steps", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--learning-rate", type=float, default=1e-4)
+    ap.add_argument("--learning-rate", type=float, default=1.5e-4)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     summary = run_demo(args.output_dir, train_steps=args.train_steps, batch_size=args.batch_size,

@@ -80,7 +80,9 @@ def chunked_head_cross_entropy(
     # Under no_grad nothing is saved for backward, so plain chunking already bounds memory.
     needs_grad = torch.is_grad_enabled()
     losses, corrects = [], []
-    for start in range(0, max(n, 1), chunk_size):
+    # One chunk needs no Python loop over n: torch.compile then keeps one graph for every batch
+    # instead of specialising (and recompiling) on the masked-token count.
+    for start in [0] if n <= chunk_size else range(0, n, chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if needs_grad and n > 0:
             # The RNG state is irrelevant here (no dropout in the head), so skip saving it.
