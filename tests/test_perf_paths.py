@@ -275,10 +275,6 @@ def test_compiled_model_same_loss(trainers, backend, packed):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "models/output_head.chunked_head_cross_entropy loops `for start in range(0, n, chunk_size)`: dynamo "
-    "specialises on the number of masked tokens n, so a compiled model recompiles for every new n "
-    "(proposed fix: iterate `[0] if n <= chunk_size else range(0, n, chunk_size)`; remove this mark then)"))
 def test_compiled_loss_does_not_recompile_per_masked_count(trainers):
     torch._dynamo.reset()
     graphs = []
