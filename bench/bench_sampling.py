@@ -1,9 +1,10 @@
 """Sampling throughput: vanilla low-confidence decoding vs Fast-dLLM (threshold + KV cache).
 
-    python bench/bench_sampling.py [--model PATH] [--out bench_sampling.json] [--fit-steps 150]
+    python bench/bench_sampling.py --threads 1 --out bench_sampling.json    # fits the default model (~15 min on 2 CPU cores)
+    python bench/bench_sampling.py --model DIR [--fit-steps N]               # a saved/real LLaDA or Dream model
 
 Measures generated tokens per second at gen_length 256, block_length 32, steps 256 (one token per
-step in the vanilla sampler) for, all in the same invocation and on the same prompts:
+step in the vanilla sampler), batch 1, greedy, all in the same invocation on the same prompt:
 
     vanilla            low_confidence, no cache (the baseline)
     prefix             vanilla schedule + prefix KV cache
@@ -12,28 +13,39 @@ step in the vanilla sampler) for, all in the same invocation and on the same pro
     threshold_prefix   threshold 0.9 + prefix cache
     threshold_dual     threshold 0.9 + dual cache (the Fast-dLLM headline setting)
 
-and the agreement of each with the vanilla output (fraction of equal generated tokens, greedy),
-plus ``cycle_follow`` (fraction of generated adjacent pairs that step along the synthetic
-cycle: output quality on the default model's data).
-All samplers compute the output head only at the current block's masked columns (the
-baseline included), so the speedups come from fewer forwards (threshold) and shorter
+For each: seconds, tokens/s, speedup over vanilla, number of forwards (nfe), tokens fed through
+the model, ``agreement`` (fraction of generated tokens equal to the vanilla output) and
+``validity`` (fraction of generated adjacent token pairs the synthetic language allows: output
+quality). All samplers, the baseline included, compute the output head only at the current
+block's masked columns, so the speedups come from fewer forwards (threshold) and shorter
 forwards (cache), not from the head trick.
 
-Model: ``--model PATH`` (any LLaDA/Dream folder or Hub id our loader accepts), or by default a
-LLaDA-shaped model built from config (d_model 256, 4 layers, 4 heads, vocab 32000, MLP 1024,
-about 20M parameters, float32). A random model is near-uniform everywhere, so a confidence
-threshold would practically never fire and the cache agreement would be meaningless; the
-default model is therefore first fitted for ``--fit-steps`` (400) Adam steps of the masked-diffusion
-loss on a repetitive synthetic corpus: every sequence walks a fixed random cycle of
-``--cycle`` token ids (token i+1 follows token i), starting at a random phase. Training
-sequences are 64 tokens with random position offsets up to the benchmark length, so the
-positions used at generation time were seen. The prompt is a 64-token walk of the same
-cycle, so a fitted model can continue it confidently. Reported figures therefore describe a
-model that has learned its data, which is where Fast-dLLM's speedups are meaningful; on real
-checkpoints pass ``--model``. ``--save-model DIR`` keeps the fitted model for reuse.
+Model. ``--model PATH`` (any LLaDA/Dream folder or Hub id our Auto registration loads), or by
+default a LLaDA-shaped model built from config: d_model 256, 4 layers, 4 heads, MLP 1024, vocab
+32000, about 20.6M parameters, float32. A random model is near-uniform everywhere, so a
+confidence threshold would never fire and cache agreement would be meaningless. The default
+model is therefore first fitted (``--fit-steps``, default 1200 Adam steps, lr 3e-3 with warm-up,
+cosine decay and clipping; batch 2) with the masked-diffusion loss on a synthetic language at
+the benchmark's full length (prompt + generation = 320 tokens; shorter training windows left
+the model unable to handle the long masked suffix of semi-autoregressive decoding):
+``WordCorpus`` = a lexicon of ``--n-words`` (4) words of ``--word-len`` (8) distinct token ids;
+the next word is the current word's successor with probability ``--p-next`` (0.75), else
+uniform. Inside a word every token is determined (parallel-decodable once the word is known);
+word boundaries carry real uncertainty (confidence at most about 0.8 < the 0.9 threshold), so
+threshold decoding must fall back to one token per step there, as with real text. With 400
+steps the fitted model was still poor (vanilla validity about 0.3), hence 1200. A fully
+deterministic variant (``--n-words 1 --word-len 16 --p-next 1.0``: a 16-token cycle, 400
+steps suffice) is the best case for threshold decoding (whole blocks in one or two forwards,
+about 23x on this CPU): an upper bound, not a typical figure. The prompt is 64 tokens of
+the same language. ``--save-model DIR`` keeps the fitted model (reuse it with ``--model DIR``
+and the same corpus flags).
 
-The last line printed is exactly ``sample_speedup=<x> agreement=<a>``, where x is the tokens/s
-ratio of threshold_dual over vanilla and a the agreement of threshold_dual with vanilla.
+Threads: on a 2-core box shared with other jobs, torch's 2 OpenMP threads stalled badly (20x
+slower forwards); ``--threads 1`` gives stable timings.
+
+The last line printed is exactly ``sample_speedup=<x> agreement=<a>``: x = tokens/s of
+threshold_dual over vanilla, a = agreement of threshold_dual with vanilla. ``--out`` gets a JSON
+with every figure and all settings.
 """
 from __future__ import annotations
 
@@ -95,7 +107,7 @@ class WordCorpus:
     uncertainty (at most ``p_next`` confidence). The generation window starts at a random phase.
     """
 
-    def __init__(self, vocab: int, seed: int, avoid: tuple = (), n_words: int = 32, word_len: int = 4,
+    def __init__(self, vocab: int, seed: int, avoid: tuple = (), n_words: int = 4, word_len: int = 8,
                  p_next: float = 0.75):
         self.word_len, self.n_words, self.p_next = word_len, n_words, p_next
         self.words = distinct_ids(vocab, n_words * word_len, seed, avoid).view(n_words, word_len)
@@ -206,11 +218,11 @@ def main(argv=None) -> int:
     ap.add_argument("--n-layers", type=int, default=4)
     ap.add_argument("--n-heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--n-words", type=int, default=32, help="synthetic language: lexicon size")
-    ap.add_argument("--word-len", type=int, default=4, help="synthetic language: tokens per word")
+    ap.add_argument("--n-words", type=int, default=4, help="synthetic language: lexicon size")
+    ap.add_argument("--word-len", type=int, default=8, help="synthetic language: tokens per word")
     ap.add_argument("--p-next", type=float, default=0.75, help="synthetic language: P(next word = successor)")
     ap.add_argument("--fit-steps", type=int, default=None,
-                    help="Adam steps on the synthetic corpus (default 400; 0 with --model, where it continues training)")
+                    help="Adam steps on the synthetic corpus (default 1200; 0 with --model, where it continues training)")
     ap.add_argument("--fit-batch", type=int, default=2)
     ap.add_argument("--fit-length", type=int, default=None, help="training sequence length (default: prompt + gen)")
     ap.add_argument("--fit-lr", type=float, default=3e-3)
@@ -229,7 +241,7 @@ def main(argv=None) -> int:
 
     fit_seconds = 0.0
     if args.fit_steps is None:
-        args.fit_steps = 0 if args.model else 400
+        args.fit_steps = 0 if args.model else 1200
     if args.fit_length is None:
         args.fit_length = args.prompt_length + args.gen_length
     if args.model:

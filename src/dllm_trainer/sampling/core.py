@@ -11,6 +11,19 @@ proposes tokens and scores (``llada_style`` / ``dream_style``); the schedule (``
 how many to reveal; the highest-scoring masked positions are revealed (top-k over the full row
 with ``-inf`` outside the block, like the references, so ties resolve the same way).
 
+Deliberate differences from the references (none affects unpadded, mask-free prompts, which
+is what the parity fixtures cover):
+- Dream computes one transfer count from the batch-average masked count; here each row uses
+  its own count (identical when rows have equal counts; the reference can overwrite decoded
+  tokens with the mask when they differ).
+- left padding: positions are renumbered (``cumsum(attention_mask) - 1``) for every family,
+  so a padded row reproduces its unpadded run (LLaDA's reference keeps arange positions).
+- Gumbel / categorical noise is drawn only for the candidate columns (and from ``seed`` /
+  ``generator`` when given), so sampled (temperature > 0) outputs are seed-deterministic but
+  not bit-identical to the reference's global-RNG stream.
+- steps whose schedule reveals nothing (e.g. Dream's first steps when few tokens are masked)
+  skip the forward: the reference runs it and changes nothing.
+
 Fast-dLLM threshold mode ignores the schedule: every masked position of the block whose
 proposal probability exceeds ``threshold`` is revealed, and at least the best-scoring one.
 """
