@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mdlm_fit import fit_mdlm
 import dllm_trainer  # noqa: F401
 from dllm_trainer import chat
 from dllm_trainer.families import get_family
@@ -38,22 +39,11 @@ def _single_thread():
 
 
 def _fit_chain(model, steps=400, lr=3e-3, n=8, length=32):
-    fam = get_family(model)
-    g = torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
+    def batch(g):
         start = torch.randint(0, 8, (n, 1), generator=g)
-        x = 10 + (start + torch.arange(length)) % 8
-        t = 0.05 + 0.95 * torch.rand(n, 1, generator=g)
-        masked = torch.rand(x.shape, generator=g) < t
-        logits = fam.align_logits(model(input_ids=x.masked_fill(masked, MASK)).logits)
-        ce = F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="none").view_as(x)
-        loss = (ce * masked / t).sum() / x.numel()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+        return 10 + (start + torch.arange(length)) % 8
+
+    return fit_mdlm(model, batch, steps=steps, lr=lr, seed=0, mask_id=MASK)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mdlm_fit import fit_mdlm
 import dllm_trainer  # noqa: F401
 from dllm_trainer.elbo import (
     corpus_elbo,
@@ -59,22 +60,11 @@ def chain(start, length, lo=10, period=8):
 
 def fit(model, steps=150, lr=3e-3, seed=0, n=8, length=32):
     """A few Adam steps of the masked-diffusion loss on chain sequences (token i+1 follows i)."""
-    fam = get_family(model)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
+    def batch(g):
         starts = torch.randint(0, 8, (n,), generator=g).tolist()
-        x = torch.tensor([chain(s, length) for s in starts])
-        t = 0.05 + 0.95 * torch.rand(n, 1, generator=g)
-        masked = torch.rand(x.shape, generator=g) < t
-        logits = fam.align_logits(model(input_ids=x.masked_fill(masked, MASK)).logits)
-        ce = F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="none").view_as(x)
-        loss = (ce * masked / t).sum() / x.numel()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+        return torch.tensor([chain(s, length) for s in starts])
+
+    return fit_mdlm(model, batch, steps=steps, lr=lr, seed=seed, mask_id=MASK)
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from mdlm_fit import fit_mdlm as _fit
 import dllm_trainer  # noqa: F401  (registers the model classes)
 from dllm_trainer.families import get_family
 from dllm_trainer.sampling import generate, llada_num_transfer_tokens
@@ -98,22 +99,8 @@ def chain_corpus(n, length, g, lo=10, period=8):
 
 
 def fit_mdlm(model, steps=400, n=8, length=32, lr=3e-3, seed=0):
-    """A few Adam steps of the masked-diffusion loss (CE at masked positions / t)."""
-    fam = get_family(model)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        x = chain_corpus(n, length, g)
-        t = 0.05 + 0.95 * torch.rand(n, 1, generator=g)
-        masked = torch.rand(x.shape, generator=g) < t
-        logits = fam.align_logits(model(input_ids=x.masked_fill(masked, MASK)).logits)
-        ce = F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="none").view_as(x)
-        loss = (ce * masked / t).sum() / x.numel()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    """A few Adam steps of the masked-diffusion loss on the chain corpus."""
+    return _fit(model, lambda g: chain_corpus(n, length, g), steps=steps, lr=lr, seed=seed, mask_id=MASK)
 
 
 @pytest.fixture(scope="module")
