@@ -3,6 +3,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+import torch
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,3 +39,24 @@ def dream_tiny(fixtures_dir) -> Path:
 @pytest.fixture(scope="session")
 def minilm() -> Path:
     return minilm_path()
+
+
+# Tiny models on a shared 2-core box: extra intra-op threads only add OpenMP spin-waiting
+# (measured up to ~100x slower forwards), so model tests run single-threaded.
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One torch thread for the test, and for run_training (which sets its own thread count)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("DLLM_CPU_THREADS", "1")
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def single_thread_module():
+    """One torch thread for a whole module (module-scoped fixtures that fit models included)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

@@ -30,12 +30,7 @@ def chain_steps(text: str) -> int:
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 def _fit_chain(model, steps=400, lr=3e-3, n=8, length=32):

@@ -25,12 +25,7 @@ from dllm_trainer.families import get_family
 MASK = 500
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 def _load(path):

@@ -2,16 +2,12 @@
 import math
 
 import pytest
-import torch
 
 from core_helpers import copy_with_tokenizer
 from tiny_tokenizer import make_tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    monkeypatch.setenv("DLLM_CPU_THREADS", "1")
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_eval_reports_elbo_bound_that_falls_with_training(tmp_path, llada_tiny):

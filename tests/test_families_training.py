@@ -31,13 +31,7 @@ HEADS = {"llada": "q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out",
          "dream": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("DLLM_CPU_THREADS", "1")  # run_training sets the thread count itself
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

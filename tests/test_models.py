@@ -31,14 +31,7 @@ from dllm_trainer.models.output_head import chunked_head_cross_entropy
 FAMILIES = ["llada", "dream"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The models here are tiny: intra-op threads only add OpenMP spin-wait, which on a busy
-    2-core CI box costs ~100x. Restored afterwards for other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 # ------------------------------------------------------------------------------------------

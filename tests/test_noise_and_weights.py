@@ -16,12 +16,7 @@ from dllm_trainer.trainer import DiffusionSettings, MDLMTrainer
 IGN = -100
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 def draw(labels, idx, schedule=NoiseSchedule(), seed=0, epoch=0, stream=TRAIN_STREAM):

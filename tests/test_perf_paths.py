@@ -33,13 +33,7 @@ VOCAB = 512
 WEIGHTS = [("scheduler", None), ("uniform", None), ("cart", 0.3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: intra-op threads only add OpenMP spin-wait on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 def settings(family, kind="scheduler", geo_p=None, chunk=16):

@@ -1,15 +1,11 @@
 """Sample prompts are generated during training (every N steps and at the end) and logged."""
 import pytest
-import torch
 
 from core_helpers import copy_with_tokenizer
 from tiny_tokenizer import make_tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    monkeypatch.setenv("DLLM_CPU_THREADS", "1")
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_samples_logged_to_log_and_tensorboard(tmp_path, llada_tiny, capsys):

@@ -47,13 +47,7 @@ def _load(path):
     return AutoModel.from_pretrained(path).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one thread (and avoid OpenMP stalls on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 @pytest.fixture(scope="module")

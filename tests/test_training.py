@@ -16,18 +16,9 @@ from dllm_trainer.config import TrainConfig
 from dllm_trainer.export import fuse_adaptor
 from dllm_trainer.train import run_training
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("DLLM_CPU_THREADS", "1")  # run_training sets the thread count itself
-    yield
-    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")
