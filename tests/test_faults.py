@@ -37,14 +37,6 @@ def llada_dir(tmp_path_factory) -> Path:
     return make_llada_dir(tmp_path_factory.mktemp("model") / "llada")
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class StepProbe(TrainerCallback):
     """Records the optimizer step being computed (global_step + 1) for patched loss functions."""
 
@@ -107,6 +99,26 @@ def test_nonfinite_loss_skip_counts_the_skipped_micro_batches(tmp_path, llada_di
 
     weights = load_file(str(tmp_path / "out" / "final_model" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+@pytest.mark.slow
+def test_skipped_count_carries_across_a_resume(tmp_path, llada_dir, monkeypatch, one_thread):
+    probe = StepProbe()
+    nan_weights_at(monkeypatch, probe, bad_steps={2, 4})
+    out = tmp_path / "out"
+    first = train(llada_job(llada_dir, out, train_steps=3, save_steps=3, nonfinite_loss="skip"), extra_callbacks=[probe])
+    assert first.metrics["skipped_nonfinite_steps"] == 2
+    assert ck.skipped_steps_in(str(out / "checkpoint-3")) == 2
+    resumed = train(llada_job(llada_dir, out, train_steps=5, save_steps=3, nonfinite_loss="skip",
+                              resume_from_checkpoint="latest"), extra_callbacks=[probe])
+    assert resumed.global_step == 5
+    assert resumed.metrics["skipped_nonfinite_steps"] == 4  # 2 before the resume + 2 in step 4
+
+
+def test_skipped_count_of_a_checkpoint_without_record_is_zero(tmp_path):
+    assert ck.skipped_steps_in(str(tmp_path)) == 0
+    (tmp_path / ck.MANIFEST_NAME).write_text("{not json")
+    assert ck.skipped_steps_in(str(tmp_path)) == 0
 
 
 def test_skip_policy_gives_up_after_ten_in_a_row():

@@ -256,7 +256,7 @@ def _fsync_tree(path: str) -> None:
         _fsync_path(root)
 
 
-def write_manifest(path: str, step: int, world_size: int) -> None:
+def write_manifest(path: str, step: int, world_size: int, skipped_nonfinite_steps: int = 0) -> None:
     files = {}
     for root, _dirs, names in os.walk(path):
         for n in names:
@@ -265,11 +265,22 @@ def write_manifest(path: str, step: int, world_size: int) -> None:
             full = os.path.join(root, n)
             files[os.path.relpath(full, path)] = os.path.getsize(full)
     manifest = {"step": step, "world_size": world_size, "files": files,
+                "skipped_nonfinite_steps": skipped_nonfinite_steps,
                 "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with open(os.path.join(path, MANIFEST_NAME), "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def skipped_steps_in(path: str) -> int:
+    """Micro-batches skipped for a non-finite loss up to checkpoint `path` (0 when not recorded),
+    so a resumed run keeps counting from there."""
+    try:
+        with open(os.path.join(path, MANIFEST_NAME), encoding="utf-8") as fh:
+            return int(json.load(fh).get("skipped_nonfinite_steps", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -387,7 +398,8 @@ class AtomicCheckpointWriter:
             self._barrier()
         if main and failure is None:
             try:
-                write_manifest(self.staged, self.step, trainer.args.world_size)
+                write_manifest(self.staged, self.step, trainer.args.world_size,
+                               getattr(trainer, "skipped_steps", 0))
                 problems = checkpoint_problems(self.staged, need_optimizer=not trainer.args.save_only_model)
                 if problems:
                     raise CheckpointWriteError(f"checkpoint {self.name} was written incompletely: {'; '.join(problems[:3])}")

@@ -228,6 +228,10 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
     )
     log(f"[dllm] training {cfg.training_method} on {len(prepared.train)} rows"
         f"{f' (eval {len(prepared.eval)})' if prepared.eval is not None else ''}; output in {cfg.output_dir}")
+    if resume:
+        from .checkpoints import skipped_steps_in
+
+        trainer.skipped_steps = skipped_steps_in(resume)
     train_out = trainer.train(resume_from_checkpoint=resume)
     metrics = {k: v for k, v in train_out.metrics.items() if isinstance(v, (int, float))}
     if prepared.eval is not None and not stopper.stopped:
