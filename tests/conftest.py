@@ -60,3 +60,14 @@ def single_thread_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+@pytest.fixture
+def no_workers(monkeypatch):
+    """Fails the test if the job launches training workers (for jobs that must be refused first)."""
+    from dllm_trainer import launcher
+
+    def forbidden(*a, **kw):
+        raise AssertionError("the workers were launched although the job is invalid")
+
+    monkeypatch.setattr(launcher, "run_workers", forbidden)

@@ -1,6 +1,8 @@
 """Helpers for the reliability/security tests (test_resume, test_faults, test_bad_inputs, test_security)."""
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -139,6 +141,25 @@ def run_main(config: dict, cfg_path: Path, *, env=None, timeout: float = 300, cw
     cfg_path.write_text(json.dumps(config))
     return subprocess.run([sys.executable, str(REPO / "main.py"), "--config", str(cfg_path)], capture_output=True,
                           text=True, env=env or subprocess_env(), timeout=timeout, cwd=cwd or cfg_path.parent)
+
+
+@functools.cache
+def _plugin_main():
+    """main.py (the Transformer Lab entry), loaded once as a module."""
+    spec = importlib.util.spec_from_file_location("dllm_plugin_main", REPO / "main.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main_in_process(argv, capfd) -> tuple[int, str]:
+    """main.main(argv) in this process (monkeypatches apply): its exit code and console text."""
+    try:
+        code = _plugin_main().main(argv)
+    except SystemExit as e:
+        code = e.code
+    captured = capfd.readouterr()
+    return code, captured.out + captured.err
 
 
 def pids_alive(pids) -> list[int]:

@@ -10,7 +10,6 @@ Transformer Lab (the job ends FAILED with the same reason).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -19,11 +18,7 @@ import pytest
 
 from dllm_trainer import launcher
 from dllm_trainer.config import TrainConfig, _field_type
-from rel_helpers import CHAT, REPO, make_llada_dir, subprocess_env
-
-_spec = importlib.util.spec_from_file_location("dllm_plugin_main", REPO / "main.py")
-plugin_main = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plugin_main)
+from rel_helpers import CHAT, REPO, make_llada_dir, run_main_in_process, subprocess_env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,23 +214,6 @@ def datasets_logs_to_the_current_stderr():
     yield
 
 
-@pytest.fixture
-def no_workers(monkeypatch):
-    def forbidden(*a, **kw):
-        raise AssertionError("the workers were launched although the job is invalid")
-
-    monkeypatch.setattr(launcher, "run_workers", forbidden)
-
-
-def run_in_process(argv, capfd) -> tuple[int, str]:
-    try:
-        code = plugin_main.main(argv)
-    except SystemExit as e:
-        code = e.code
-    captured = capfd.readouterr()
-    return code, captured.out + captured.err
-
-
 def check_one_clear_error(code, console: str, expected: list[str]) -> str:
     assert code not in (0, None), console[-3000:]
     assert "Traceback" not in console, console[-3000:]
@@ -253,7 +231,7 @@ def test_numeric_field_out_of_type_or_range(tmp_path, inputs, capfd, no_workers,
     keep = _prepare_output(out)
     cfg_path = tmp_path / "job.json"
     cfg_path.write_text(json.dumps({**base_config(inputs, out), **changes}))
-    code, console = run_in_process(["--config", str(cfg_path)], capfd)
+    code, console = run_main_in_process(["--config", str(cfg_path)], capfd)
     check_one_clear_error(code, console, expected)
     assert all(p.exists() for p in keep)
 
@@ -272,7 +250,7 @@ def test_bad_input_fails_with_one_clear_message(tmp_path, inputs, capfd, no_work
         monkeypatch.setattr(PreTrainedTokenizerBase, "add_special_tokens", refuse)
     cfg_path = tmp_path / "job.json"
     cfg_path.write_text(json.dumps({**base_config(inputs, out), **_materialise(changes, inputs, out)}))
-    code, console = run_in_process(["--config", str(cfg_path)], capfd)
+    code, console = run_main_in_process(["--config", str(cfg_path)], capfd)
     check_one_clear_error(code, console, expected)
     assert all(p.exists() for p in keep), "an earlier run's file was deleted"
     assert "training started" not in console
@@ -286,7 +264,7 @@ def test_bad_job_config_file(tmp_path, capfd, no_workers, content, expected):
         path.write_bytes(content)
     elif content is not None:
         path.write_text(content)
-    code, console = run_in_process(["--config", str(path)], capfd)
+    code, console = run_main_in_process(["--config", str(path)], capfd)
     check_one_clear_error(code, console, expected)
 
 

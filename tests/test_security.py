@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -22,33 +21,12 @@ import pytest
 
 from dllm_trainer import launcher
 from dllm_trainer.config import TrainConfig
-from rel_helpers import CHAT, REPO, SRC, make_llada_dir, subprocess_env
-
-_spec = importlib.util.spec_from_file_location("dllm_plugin_main_sec", REPO / "main.py")
-plugin_main = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plugin_main)
+from rel_helpers import CHAT, REPO, SRC, make_llada_dir, run_main_in_process, subprocess_env
 
 
 @pytest.fixture(scope="module")
 def llada_dir(tmp_path_factory) -> Path:
     return make_llada_dir(tmp_path_factory.mktemp("model") / "llada")
-
-
-def run_in_process(argv, capfd) -> tuple[int, str]:
-    try:
-        code = plugin_main.main(argv)
-    except SystemExit as e:
-        code = e.code
-    captured = capfd.readouterr()
-    return code, captured.out + captured.err
-
-
-@pytest.fixture
-def no_workers(monkeypatch):
-    def forbidden(*a, **kw):
-        raise AssertionError("the workers were launched")
-
-    monkeypatch.setattr(launcher, "run_workers", forbidden)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +84,7 @@ def test_a_models_own_code_never_runs_by_default(tmp_path, llada_dir, capfd, no_
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"model_name": str(tmp_path / "unknown-with-code"), "dataset_name": str(CHAT),
                                "output_dir": str(tmp_path / "out"), "training_method": "llada", "train_device": "cpu", "max_length": 64}))
-    code, console = run_in_process(["--config", str(job)], capfd)
+    code, console = run_main_in_process(["--config", str(job)], capfd)
     assert code == 2 and "Traceback" not in console
     errors = [l for l in console.splitlines() if l.startswith("[dllm-error]")]
     assert len(errors) == 1 and "unknown-with-code" in errors[0] and "trust_remote_code is off" in errors[0], console
@@ -118,12 +96,12 @@ def test_turning_trust_remote_code_on_warns(tmp_path, llada_dir, capfd, no_worke
     job.write_text(json.dumps({"model_name": str(llada_dir), "dataset_name": str(tmp_path / "missing.jsonl"),
                                "output_dir": str(tmp_path / "out"), "training_method": "llada", "train_device": "cpu",
                                "trust_remote_code": True, "max_length": 64}))
-    code, console = run_in_process(["--config", str(job)], capfd)
+    code, console = run_main_in_process(["--config", str(job)], capfd)
     assert code == 2  # (the dataset is missing: the job stops before training)
     assert "[dllm] warning: trust_remote_code is on: Python code shipped with the model" in console
 
     job.write_text(json.dumps({**json.loads(job.read_text()), "trust_remote_code": False}))
-    code, console = run_in_process(["--config", str(job)], capfd)
+    code, console = run_main_in_process(["--config", str(job)], capfd)
     assert "warning: trust_remote_code" not in console
 
 
@@ -150,7 +128,7 @@ def test_templates_from_the_config_render_in_the_sandbox(tmp_path, llada_dir, ca
     job.write_text(json.dumps({"model_name": str(llada_dir), "dataset_name": str(data), "output_dir": str(tmp_path / "out"),
                                "training_method": "llada", "train_device": "cpu", "max_length": 64, "input_template": template,
                                "output_template": "{{ output }}"}))
-    code, console = run_in_process(["--config", str(job)], capfd)
+    code, console = run_main_in_process(["--config", str(job)], capfd)
     assert code == 2 and "Traceback" not in console
     errors = [l for l in console.splitlines() if l.startswith("[dllm-error]")]
     assert len(errors) == 1 and "input_template" in errors[0], console

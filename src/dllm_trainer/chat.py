@@ -312,13 +312,18 @@ def _fail(err: BaseException, stderr) -> int:
     return 2
 
 
+def _start_session(args) -> Session:
+    """Checks the options, seeds sampling and loads the model: the start of generate and chat."""
+    _validate(args)
+    torch.manual_seed(args.seed)
+    return load_session(args.model, args.device, args.dtype)
+
+
 def run_generate(args, stdout=None, stderr=None) -> int:
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     try:
-        _validate(args)
-        torch.manual_seed(args.seed)
-        sess = load_session(args.model, args.device, args.dtype)
+        sess = _start_session(args)
         text = args.prompt
         if is_infill(sess, text):
             ids = encode_raw(sess, text)
@@ -444,9 +449,7 @@ def run_chat(args, stdin=None, stdout=None, stderr=None) -> int:
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     try:
-        _validate(args)
-        torch.manual_seed(args.seed)
-        sess = load_session(args.model, args.device, args.dtype)
+        sess = _start_session(args)
     except (UserError, OSError) as e:
         return _fail(e, stderr)
     state = ChatState(sess, args)
