@@ -71,7 +71,7 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (both variants)")
     ap.add_argument("--ce-chunk-size", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch intra-op threads in the workers (0: what training uses, dllm_trainer.train.default_cpu_threads)")
+                    help="torch intra-op threads in the workers (0: what training uses, dllm_trainer.training.train.default_cpu_threads)")
     ap.add_argument("--threads-check", action="store_true",
                     help="also time our packed step with the chosen threads vs torch's default (one per core), interleaved")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s for MFU (H100 bf16: 989)")
@@ -171,15 +171,15 @@ def run_worker(args) -> dict:
     from dllm_trainer.families import get_family
 
     # Both variants import the same libraries, so the peak RSS compares training steps, not imports.
-    import dllm_trainer.collator  # noqa: F401
-    import dllm_trainer.trainer  # noqa: F401
+    import dllm_trainer.training.collator  # noqa: F401
+    import dllm_trainer.training.trainer  # noqa: F401
 
     variant = args.worker
     device = torch.device(args.device)
     threads = args.threads
     if device.type == "cpu":
         if not threads:
-            from dllm_trainer.train import default_cpu_threads
+            from dllm_trainer.training.train import default_cpu_threads
 
             threads = default_cpu_threads()
         torch.set_num_threads(threads)
@@ -231,8 +231,8 @@ def run_worker(args) -> dict:
         from transformers import TrainingArguments
         from transformers.utils import logging as hf_logging
 
-        from dllm_trainer.collator import DiffusionCollator
-        from dllm_trainer.trainer import DiffusionSettings, MDLMTrainer
+        from dllm_trainer.training.collator import DiffusionCollator
+        from dllm_trainer.training.trainer import DiffusionSettings, MDLMTrainer
 
         hf_logging.set_verbosity_error()
         collator = DiffusionCollator(
@@ -312,9 +312,9 @@ def run_threads_check_worker(args) -> dict:
     count (one per core), in one process, ABAB...; medians of the per-step times."""
     import torch
 
-    from dllm_trainer.collator import DiffusionCollator
+    from dllm_trainer.training.collator import DiffusionCollator
     from dllm_trainer.families import get_family
-    from dllm_trainer.trainer import DiffusionSettings, MDLMTrainer
+    from dllm_trainer.training.trainer import DiffusionSettings, MDLMTrainer
     from transformers import TrainingArguments
     from transformers.utils import logging as hf_logging
 
@@ -399,7 +399,7 @@ def main(argv=None) -> int:
 
     if args.device == "cpu" and not args.threads:
         # Chosen ONCE here (from the load now) and passed to every worker: all variants use the same.
-        from dllm_trainer.train import default_cpu_threads
+        from dllm_trainer.training.train import default_cpu_threads
 
         args.threads = default_cpu_threads()
     if args.device == "cpu":

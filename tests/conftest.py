@@ -8,7 +8,7 @@ import torch
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("DLLM_FIXTURES", REPO.parent / "shared" / "fixtures"))
+FIXTURES = Path(os.environ.get("DLLM_FIXTURES", REPO / "tests" / "fixtures"))
 
 
 def minilm_path() -> Path:
@@ -65,7 +65,7 @@ def single_thread_module():
 @pytest.fixture
 def no_workers(monkeypatch):
     """Fails the test if the job launches training workers (for jobs that must be refused first)."""
-    from dllm_trainer import launcher
+    from dllm_trainer.training import launcher
 
     def forbidden(*a, **kw):
         raise AssertionError("the workers were launched although the job is invalid")

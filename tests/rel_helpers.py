@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 ASSETS = SRC / "dllm_trainer" / "assets"
 CHAT = ASSETS / "chat_small.jsonl"
-FIXTURES = Path(os.environ.get("DLLM_FIXTURES", REPO.parent / "shared" / "fixtures"))
+FIXTURES = Path(os.environ.get("DLLM_FIXTURES", REPO / "tests" / "fixtures"))
 EVENT_PREFIX = "[dllm-event] "
 
 
@@ -72,7 +72,7 @@ def llada_job(model_dir: Path, output_dir: Path, **kw) -> dict:
 
 
 class Worker:
-    """`python -m dllm_trainer.train --config-json F` in a subprocess; stdout parsed for events.
+    """`python -m dllm_trainer.training.train --config-json F` in a subprocess; stdout parsed for events.
 
     kill_at_checkpoint: SIGKILL the worker as soon as the checkpoint event of that step appears."""
 
@@ -85,7 +85,7 @@ class Worker:
         self.events: list[dict] = []
         self.killed_after: dict | None = None
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dllm_trainer.train", "--config-json", str(cfg_path)],
+            [sys.executable, "-m", "dllm_trainer.training.train", "--config-json", str(cfg_path)],
             stdout=subprocess.PIPE, stderr=open(self.err_path, "w"), text=True, env=env or subprocess_env(),
             cwd=cfg["output_dir"],
         )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dllm_trainer import launcher
+from dllm_trainer.training import launcher
 from dllm_trainer.config import TrainConfig, _field_type
 from rel_helpers import CHAT, REPO, make_llada_dir, run_main_in_process, subprocess_env
 

@@ -1,4 +1,4 @@
-"""`dllm-trainer generate` / `chat` logic (dllm_trainer.chat) on a tiny model folder."""
+"""`dllm-trainer generate` / `chat` logic (dllm_trainer.sampling.chat) on a tiny model folder."""
 from __future__ import annotations
 
 import io
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mdlm_fit import fit_mdlm
 import dllm_trainer  # noqa: F401
-from dllm_trainer import chat
+from dllm_trainer.sampling import chat
 from dllm_trainer.families import get_family
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -125,7 +125,7 @@ def test_bad_model_folder(tmp_path):
 
 def test_no_traceback_from_the_command_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "dllm_trainer.chat", "generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"],
+        [sys.executable, "-m", "dllm_trainer.sampling.chat", "generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 2

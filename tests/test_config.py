@@ -343,7 +343,7 @@ def test_epochs_zero_trains_by_steps():
 def test_epochs_zero_becomes_max_steps_in_training_arguments(tmp_path):
     import torch
 
-    from dllm_trainer.train import build_training_args
+    from dllm_trainer.training.train import build_training_args
 
     cfg = make(num_train_epochs=0, train_steps=37, train_device="cpu", output_dir=str(tmp_path))
     args = build_training_args(cfg, torch.float32, has_eval=False)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mdlm_fit import fit_mdlm
 import dllm_trainer  # noqa: F401
-from dllm_trainer.elbo import (
+from dllm_trainer.evaluation.elbo import (
     corpus_elbo,
     encode_pair,
     loglikelihood,

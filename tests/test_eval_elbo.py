@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_eval_reports_elbo_bound_that_falls_with_training(tmp_path, llada_tiny):
     from dllm_trainer.config import TrainConfig
     from dllm_trainer.data import asset_path
-    from dllm_trainer.train import run_training
+    from dllm_trainer.training.train import run_training
 
     model_dir = copy_with_tokenizer(llada_tiny, tmp_path / "model", make_tiny_tokenizer())
     cfg = TrainConfig.from_dict(dict(

@@ -14,14 +14,14 @@ from safetensors import safe_open
 
 import dllm_trainer  # noqa: F401  (registers LLaDA / Dream with the Auto classes)
 from core_helpers import LogRecorder, copy_with_tokenizer, tiny_tokenizer_without_mask
-from dllm_trainer.collator import DiffusionCollator
+from dllm_trainer.training.collator import DiffusionCollator
 from dllm_trainer.config import TrainConfig
 from dllm_trainer.data import asset_path
-from dllm_trainer.export import fuse_adaptor, training_metadata
+from dllm_trainer.training.export import fuse_adaptor, training_metadata
 from dllm_trainer.families import BERT, DREAM, LLADA, get_family
-from dllm_trainer.loading import MASK_TOKEN_ADDED, load_for_training, resolve_mask_token
-from dllm_trainer.noise import NoiseSchedule, draw_masks
-from dllm_trainer.train import run_training
+from dllm_trainer.training.loading import MASK_TOKEN_ADDED, load_for_training, resolve_mask_token
+from dllm_trainer.training.noise import NoiseSchedule, draw_masks
+from dllm_trainer.training.train import run_training
 from tiny_tokenizer import make_tiny_tokenizer
 
 IGN = -100

@@ -25,10 +25,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from dllm_trainer import checkpoints as ck
-from dllm_trainer.checkpoints import CheckpointWriteError, NonFiniteWeightsError
+from dllm_trainer.training import checkpoints as ck
+from dllm_trainer.training.checkpoints import CheckpointWriteError, NonFiniteWeightsError
 from dllm_trainer.config import TrainConfig
-from dllm_trainer.trainer import NonFiniteLossError
+from dllm_trainer.training.trainer import NonFiniteLossError
 from rel_helpers import CHAT, REPO, llada_job, make_llada_dir, pids_alive, subprocess_env
 
 
@@ -49,7 +49,7 @@ class StepProbe(TrainerCallback):
 
 def nan_weights_at(monkeypatch, probe: StepProbe, bad_steps):
     """Make the loss NaN in the optimizer steps `bad_steps` (the data/weights stay untouched)."""
-    import dllm_trainer.trainer as tr
+    import dllm_trainer.training.trainer as tr
 
     real = tr.token_weights
 
@@ -61,7 +61,7 @@ def nan_weights_at(monkeypatch, probe: StepProbe, bad_steps):
 
 
 def train(cfg: dict, **kw):
-    from dllm_trainer.train import run_training
+    from dllm_trainer.training.train import run_training
 
     return run_training(TrainConfig.from_dict(cfg), log=lambda *_: None, **kw)
 
@@ -124,7 +124,7 @@ def test_skipped_count_of_a_checkpoint_without_record_is_zero(tmp_path):
 def test_skip_policy_gives_up_after_ten_in_a_row():
     from types import SimpleNamespace
 
-    from dllm_trainer.trainer import MDLMTrainer
+    from dllm_trainer.training.trainer import MDLMTrainer
 
     model = torch.nn.Linear(2, 2)
     fake = SimpleNamespace(diffusion=SimpleNamespace(nonfinite_loss="skip", max_consecutive_skips=10),
@@ -257,7 +257,7 @@ def test_a_killed_rank_fails_the_whole_job_fast_and_leaves_no_process(tmp_path, 
                 break
         kids = psutil.Process(proc.pid).children(recursive=True)
         family = {k.pid for k in kids}
-        workers = [k for k in kids if "dllm_trainer.train" in " ".join(k.cmdline())
+        workers = [k for k in kids if "dllm_trainer.training.train" in " ".join(k.cmdline())
                    and "accelerate" not in " ".join(k.cmdline())]
         assert len(workers) >= 2, "".join(lines)[-3000:]
         time.sleep(1.0)  # mid-training

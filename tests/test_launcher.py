@@ -12,7 +12,7 @@ import pytest
 
 from dllm_trainer.config import TrainConfig
 from dllm_trainer.errors import ConfigError
-from dllm_trainer.launcher import LaunchPlan, build_launch, parse_gpu_ids, run_workers, worker_env
+from dllm_trainer.training.launcher import LaunchPlan, build_launch, parse_gpu_ids, run_workers, worker_env
 
 BASE = {"model_name": "m", "dataset_name": "d", "output_dir": "/tmp/out"}
 JSON = "/tmp/out/dllm_config.json"
@@ -28,7 +28,7 @@ def parsed(plan: LaunchPlan):
 
     assert plan.argv[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     ns = launch_command_parser().parse_args(plan.argv[3:])
-    assert ns.module and ns.training_script == "dllm_trainer.train"
+    assert ns.module and ns.training_script == "dllm_trainer.training.train"
     assert ns.training_script_args == ["--config-json", JSON]
     return ns
 
@@ -336,7 +336,7 @@ def test_launcher_dies_with_a_killed_app(tmp_path):
     worker.write_text(f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
     app_code = textwrap.dedent(f"""
         import sys
-        from dllm_trainer.launcher import LaunchPlan, run_workers
+        from dllm_trainer.training.launcher import LaunchPlan, run_workers
         plan = LaunchPlan(argv=[sys.executable, {str(worker)!r}], env={{}}, num_processes=1, world_size=1, description="x")
         run_workers(plan, output_dir={str(tmp_path / 'out')!r}, env=None)
     """)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from dllm_trainer import app
+from dllm_trainer.hosts.standalone import StandaloneReporter
 from dllm_trainer.config import TrainConfig
 from lifecycle_tl import REPO, Workspace, clean_env
 
@@ -249,7 +250,7 @@ def test_tl_stop_button_ends_stopped_with_a_checkpoint(tmp_path, minilm):
 # ---------------------------------------------------------------------------------------------
 
 
-class FakeReporter(app.StandaloneReporter):
+class FakeReporter(StandaloneReporter):
     def __init__(self):
         super().__init__(log=lambda msg: None)
         self.failed: list[str] = []

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from core_helpers import tiny_bert
-from dllm_trainer.collator import DiffusionCollator
+from dllm_trainer.training.collator import DiffusionCollator
 from dllm_trainer.families import BERT
-from dllm_trainer.loss_weights import cart_weights, token_weights
-from dllm_trainer.noise import EVAL_STREAM, TRAIN_STREAM, NoiseSchedule, draw_masks
-from dllm_trainer.trainer import DiffusionSettings, MDLMTrainer
+from dllm_trainer.training.loss_weights import cart_weights, token_weights
+from dllm_trainer.training.noise import EVAL_STREAM, TRAIN_STREAM, NoiseSchedule, draw_masks
+from dllm_trainer.training.trainer import DiffusionSettings, MDLMTrainer
 
 IGN = -100
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoModel, TrainingArguments
 
-from dllm_trainer.collator import DiffusionCollator
+from dllm_trainer.training.collator import DiffusionCollator
 from dllm_trainer.config import TrainConfig
 from dllm_trainer.families import get_family
-from dllm_trainer.noise import NoiseSchedule
-from dllm_trainer.packing import (
+from dllm_trainer.training.noise import NoiseSchedule
+from dllm_trainer.training.packing import (
     block_diagonal_mask,
     pack_rows,
     packing_active,
@@ -25,7 +25,7 @@ from dllm_trainer.packing import (
     plan_bins,
     segment_output_positions,
 )
-from dllm_trainer.trainer import DiffusionSettings, MDLMTrainer
+from dllm_trainer.training.trainer import DiffusionSettings, MDLMTrainer
 
 PAD = EOS = 2
 MASK = 500
@@ -195,7 +195,7 @@ def test_rows_do_not_attend_across_segments(trainers):
     trainer.diffusion = settings("llada", "uniform", None)
     rows = make_rows()
     fam = get_family("llada")
-    from dllm_trainer.packing import packed_masked_token_loss
+    from dllm_trainer.training.packing import packed_masked_token_loss
 
     def per_token(batch):
         labels = batch["labels"]
@@ -235,7 +235,7 @@ def test_packing_only_for_native_families():
 
 
 def test_training_args_sampling_strategy(tmp_path):
-    from dllm_trainer.train import build_training_args
+    from dllm_trainer.training.train import build_training_args
 
     def strategy(**kw):
         return build_training_args(cfg(output_dir=str(tmp_path), train_device="cpu", **kw), torch.float32,
@@ -256,7 +256,7 @@ def test_run_training_with_packing(request, tmp_path, monkeypatch, family):
 
     from core_helpers import LogRecorder, copy_with_tokenizer
     from dllm_trainer.data import asset_path
-    from dllm_trainer.train import run_training
+    from dllm_trainer.training.train import run_training
     from tiny_tokenizer import make_tiny_tokenizer
 
     monkeypatch.setenv("DLLM_CPU_THREADS", "1")
@@ -268,7 +268,7 @@ def test_run_training_with_packing(request, tmp_path, monkeypatch, family):
         learning_rate_schedule="constant", seed=3, lora=False, learning_rate=3e-3, pack_sequences=True))
 
     seen = []
-    from dllm_trainer import trainer as trainer_mod
+    from dllm_trainer.training import trainer as trainer_mod
 
     original = trainer_mod.MDLMTrainer.compute_loss
 

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, TrainingArguments
 
-from dllm_trainer.collator import DiffusionCollator
+from dllm_trainer.training.collator import DiffusionCollator
 from dllm_trainer.config import TrainConfig
 from dllm_trainer.families import get_family
-from dllm_trainer.loss_weights import token_weights
-from dllm_trainer.noise import TRAIN_STREAM, NoiseSchedule, draw_masks
-from dllm_trainer.trainer import DiffusionSettings, MDLMTrainer
+from dllm_trainer.training.loss_weights import token_weights
+from dllm_trainer.training.noise import TRAIN_STREAM, NoiseSchedule, draw_masks
+from dllm_trainer.training.trainer import DiffusionSettings, MDLMTrainer
 
 PAD = EOS = 2
 MASK = 500
@@ -156,7 +156,7 @@ def padding_fraction(trainer) -> float:
 def test_group_by_length_is_used_and_cuts_padding(tmp_path, llada_tiny):
     import datasets
 
-    from dllm_trainer.train import build_training_args
+    from dllm_trainer.training.train import build_training_args
 
     rng = random.Random(0)
     lengths = [int(min(200, max(4, rng.lognormvariate(3.3, 0.9)))) for _ in range(256)]
@@ -224,7 +224,7 @@ def test_bf16_autocast_on_cuda(tmp_path, family, llada_tiny, dream_tiny):
 
 
 def test_bf16_flag_reaches_training_args(tmp_path):
-    from dllm_trainer.train import build_training_args
+    from dllm_trainer.training.train import build_training_args
 
     assert build_training_args(cfg(tmp_path), torch.bfloat16, has_eval=False).bf16
     assert not build_training_args(cfg(tmp_path), torch.float32, has_eval=False).bf16
@@ -232,7 +232,7 @@ def test_bf16_flag_reaches_training_args(tmp_path):
 
 # ---- torch.compile -------------------------------------------------------------------------------------
 def test_torch_compile_flag_reaches_training_args(tmp_path):
-    from dllm_trainer.train import build_training_args
+    from dllm_trainer.training.train import build_training_args
 
     assert build_training_args(cfg(tmp_path, torch_compile=True), torch.float32, has_eval=False).torch_compile
     assert not build_training_args(cfg(tmp_path), torch.float32, has_eval=False).torch_compile

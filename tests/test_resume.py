@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dllm_trainer import checkpoints as ck
+from dllm_trainer.training import checkpoints as ck
 from dllm_trainer.errors import ConfigError
+from dllm_trainer.hosts.standalone import StandaloneReporter
 from rel_helpers import Worker, assert_bitwise_equal, llada_job, make_llada_dir
 
 
@@ -90,7 +91,7 @@ def test_resuming_a_finished_run_trains_no_extra_step(tmp_path, llada_dir):
     import torch
 
     from dllm_trainer.config import TrainConfig
-    from dllm_trainer.train import run_training
+    from dllm_trainer.training.train import run_training
     from rel_helpers import load_tensors
 
     threads = torch.get_num_threads()
@@ -214,7 +215,7 @@ def test_latest_skips_broken_newer_checkpoints_and_logs_why(tmp_path):
 
     # ... and the worker's own lookup (train.find_resume_checkpoint) agrees
     from dllm_trainer.config import TrainConfig
-    from dllm_trainer.train import find_resume_checkpoint
+    from dllm_trainer.training.train import find_resume_checkpoint
 
     cfg = TrainConfig.from_dict({"model_name": "m", "dataset_name": "d", "output_dir": str(tmp_path),
                                  "resume_from_checkpoint": "latest"})
@@ -289,7 +290,7 @@ def test_disk_full_is_recognised_through_wrapping_errors():
 
 
 def test_train_order_depends_on_seed_and_epoch_only():
-    from dllm_trainer.trainer import EpochSeededSampler
+    from dllm_trainer.training.trainer import EpochSeededSampler
 
     lengths = [(i * 7) % 23 + 1 for i in range(57)]
     a = EpochSeededSampler(57, 42, lengths=lengths, group_size=8)
@@ -315,7 +316,7 @@ def test_dream_cutoffs_do_not_depend_on_any_global_rng():
 
     import numpy as np
 
-    from dllm_trainer.collator import DiffusionCollator
+    from dllm_trainer.training.collator import DiffusionCollator
     from dllm_trainer.families import DREAM
 
     rows = [{"input_ids": list(range(3, 3 + n)), "labels": [-100] * 2 + list(range(5, 3 + n)), "prompt_len": 2,
@@ -338,7 +339,7 @@ def test_the_app_resolves_latest_before_launching(tmp_path):
     from dllm_trainer import app
     from dllm_trainer.config import TrainConfig
 
-    class Rep(app.StandaloneReporter):
+    class Rep(StandaloneReporter):
         def __init__(self, offer):
             super().__init__(log=lambda *_: None)
             self.offer = offer

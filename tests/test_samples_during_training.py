@@ -13,7 +13,7 @@ def test_samples_logged_to_log_and_tensorboard(tmp_path, llada_tiny, capsys):
 
     from dllm_trainer.config import TrainConfig
     from dllm_trainer.data import asset_path
-    from dllm_trainer.train import run_training
+    from dllm_trainer.training.train import run_training
 
     model_dir = copy_with_tokenizer(llada_tiny, tmp_path / "model", make_tiny_tokenizer())
     cfg = TrainConfig.from_dict(dict(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dllm_trainer import launcher
+from dllm_trainer.training import launcher
 from dllm_trainer.config import TrainConfig
 from rel_helpers import CHAT, REPO, SRC, make_llada_dir, run_main_in_process, subprocess_env
 
@@ -68,7 +68,7 @@ def _evil_model(dst: Path, model_type: str, base: Path) -> Path:
 
 
 def test_a_models_own_code_never_runs_by_default(tmp_path, llada_dir, capfd, no_workers):
-    from dllm_trainer.loading import load_for_training
+    from dllm_trainer.training.loading import load_for_training
 
     # a known architecture with an auto_map: our built-in LLaDA is used, the shipped code is not imported
     marker = _evil_model(tmp_path / "llada-with-code", "llada", llada_dir)

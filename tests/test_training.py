@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from core_helpers import LogRecorder, write_jsonl
-from dllm_trainer.callbacks import parse_event
+from dllm_trainer.training.callbacks import parse_event
 from dllm_trainer.config import TrainConfig
-from dllm_trainer.export import fuse_adaptor
-from dllm_trainer.train import run_training
+from dllm_trainer.training.export import fuse_adaptor
+from dllm_trainer.training.train import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

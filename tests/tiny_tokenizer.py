@@ -1,6 +1,6 @@
 """A tiny character-level tokenizer built locally (no Hub access) for tests.
 
-Its special ids match the parity fixtures in /work/shared/fixtures (LLaDA-tiny / Dream-tiny):
+Its special ids match the parity fixtures in tests/fixtures (LLaDA-tiny / Dream-tiny):
 vocab 512, mask id 500 (``<|mdm_mask|>``), eos = pad = id 2 (``<|endoftext|>``); every id is
 < ``vocab_size``. Ordinary text is split into single characters (printable ASCII, newline, tab);
 anything else maps to ``<unk>``. No special tokens are added by ``tokenizer(text)``: like the

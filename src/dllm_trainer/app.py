@@ -9,8 +9,9 @@
                           request, and on success fuses the LoRA adaptor (or takes the full
                           fine-tune), writes the model card + metadata, and registers the model.
 
-Reporters: `StandaloneReporter` (prints; the final model goes to <output_dir>/models/<name>/) and
-`tlab.TransformerLabReporter` (the Transformer Lab job: progress, status, Foundation tab).
+Reporters (hosts/): `standalone.StandaloneReporter` (prints; the final model goes to
+<output_dir>/models/<name>/) and `tlab_plugin.TransformerLabReporter` (a Transformer Lab v0.30.x
+plugin job: progress, status, Foundation tab).
 
 Errors: a UserError anywhere (bad config value, a dataset the workers cannot read, ...) ends the
 job with one clear line `[dllm-error] ...`, a non-zero exit code and, in Transformer Lab, status
@@ -34,6 +35,7 @@ from urllib.parse import urlparse
 
 from .config import APP_KEYS, TrainConfig, load_config_file
 from .errors import ConfigError, UserError, report_unexpected_error, report_user_error
+from .hosts.standalone import StandaloneReporter
 
 CONFIG_FILE_NAME = "dllm_config.json"
 METRICS_FILE_NAME = "metrics.json"
@@ -43,71 +45,6 @@ TRAIN_PROGRESS_SHARE = 95  # percent of the progress bar for the training steps;
 # ---------------------------------------------------------------------------------------------
 # Reporters
 # ---------------------------------------------------------------------------------------------
-
-
-class StandaloneReporter:
-    """Outside Transformer Lab: everything goes to stdout; the model stays under output_dir."""
-
-    name = "standalone"
-
-    def __init__(self, log: Callable[[str], Any] = print):
-        self.log = log
-        self._root: str | None = None
-
-    def progress(self, percent: float) -> None:
-        pass  # the metrics lines already show step/max_steps
-
-    def metrics(self, metrics: dict) -> None:
-        pass
-
-    def training_started(self, cfg: TrainConfig) -> None:
-        self._root = cfg.output_dir
-        self.log(f"[dllm] TensorBoard: tensorboard --logdir {cfg.output_dir}")
-
-    def should_stop(self) -> bool:
-        return False  # Ctrl-C, or create <output_dir>/STOP for a clean stop with a checkpoint
-
-    def checkpoint(self, path: str, step: int) -> None:
-        pass
-
-    def checkpoint_to_resume(self) -> str | None:
-        return None
-
-    def secret(self, name: str) -> str | None:
-        return None
-
-    def resolve_model(self, name: str) -> str | None:
-        return None
-
-    def resolve_dataset(self, name: str) -> str | None:
-        return None
-
-    def model_location(self, model_id: str, output_dir: str | None = None) -> str:
-        return os.path.join(output_dir or self._root or ".", "models", model_id)
-
-    def check_model_name(self, model_id: str, output_dir: str | None = None) -> None:
-        final = self.model_location(model_id, output_dir)
-        if os.path.lexists(final):
-            raise ConfigError(
-                f"a model named '{model_id}' already exists at {final}; choose another adaptor_name or "
-                "output_dir, or delete it first"
-            )
-
-    def register_model(self, staging_dir: str, model_id: str, **_: Any) -> str:
-        self.check_model_name(model_id)
-        final = self.model_location(model_id)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        os.rename(staging_dir, final)
-        return final
-
-    def complete(self, message: str, score: dict) -> None:
-        self.log(f"[dllm] done: {message}")
-
-    def fail(self, reason: str) -> None:
-        pass  # the error line itself is printed by the caller
-
-    def stopped(self, message: str) -> None:
-        self.log(f"[dllm] stopped: {message}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,9 +209,9 @@ def _quietly(fn, *args) -> None:
 
 
 def _run_job(cfg: TrainConfig, reporter, *, gpu_count, poll_interval, log) -> int:
-    from . import export
-    from .launcher import WorkerFailed, build_launch, run_workers, worker_env
-    from .train import adaptor_dir_for
+    from .training import export
+    from .training.launcher import WorkerFailed, build_launch, run_workers, worker_env
+    from .training.train import adaptor_dir_for
 
     started = time.time()
     user_cfg = cfg
@@ -375,7 +312,7 @@ def _resume_request(cfg: TrainConfig, reporter, log) -> TrainConfig:
     if spec and spec != "latest":
         return cfg
     if spec == "latest" and os.path.isdir(cfg.output_dir):
-        from .checkpoints import latest_valid_checkpoint
+        from .training.checkpoints import latest_valid_checkpoint
 
         found = latest_valid_checkpoint(cfg.output_dir, log=log)
         if found:
@@ -474,7 +411,7 @@ def _main_standalone(args) -> int:
 
 
 def _main_tlab(args) -> int:
-    from .tlab import TransformerLabReporter
+    from .hosts.tlab_plugin import TransformerLabReporter
 
     try:
         with open(args.input_file, encoding="utf-8") as fh:

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return app_main(rest)
     if cmd in ("generate", "chat"):
-        from .chat import main as chat_main
+        from .sampling.chat import main as chat_main
 
         return chat_main([cmd, *rest])
     if cmd == "demo":

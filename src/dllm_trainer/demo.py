@@ -75,7 +75,7 @@ def run_demo(output_dir: str, *, train_steps: int = 200, batch_size: int = 32, l
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     from .config import TrainConfig
-    from .train import run_training
+    from .training.train import run_training
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(output_dir, exist_ok=True)

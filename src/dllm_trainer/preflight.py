@@ -68,14 +68,14 @@ def check_output_dir(path: str, field: str) -> None:
 def check_resume(cfg: TrainConfig) -> None:
     spec = cfg.resume_from_checkpoint.strip()
     if spec and spec != "latest":
-        from .checkpoints import resolve_resume
+        from .training.checkpoints import resolve_resume
 
         resolve_resume(spec, cfg.output_dir)
 
 
 def check_model(cfg: TrainConfig):
     """Local model checks; returns the loaded tokenizer."""
-    from .loading import MASK_TOKEN_ADDED, check_family, load_model_config
+    from .training.loading import MASK_TOKEN_ADDED, check_family, load_model_config
 
     path = os.path.expanduser(cfg.model_name.strip())
     if not os.path.exists(path):
@@ -90,7 +90,7 @@ def check_model(cfg: TrainConfig):
     weights = sorted({f for pat in _WEIGHT_PATTERNS for f in glob.glob(os.path.join(glob.escape(path), pat))})
     if not weights:
         raise ModelError(f"model folder '{cfg.model_name}' has no weights (model.safetensors or pytorch_model.bin)")
-    from .checkpoints import safetensors_problem, torch_file_problem
+    from .training.checkpoints import safetensors_problem, torch_file_problem
 
     for w in weights:
         problem = (safetensors_problem(w) if w.endswith(".safetensors")

@@ -34,7 +34,7 @@ import struct
 import time
 import zipfile
 
-from .errors import ConfigError, UserError
+from ..errors import ConfigError, UserError
 
 MANIFEST_NAME = "dllm_checkpoint.json"
 STAGING_PREFIX = ".tmp-checkpoint-"

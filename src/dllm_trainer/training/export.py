@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 
-from .errors import ModelError
+from ..errors import ModelError
 
 METADATA_FILE = "dllm_training.json"
 

@@ -45,10 +45,10 @@ from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
 from .callbacks import EVENT_PREFIX, STOP_FILE, parse_event
-from .config import TrainConfig
-from .errors import ERROR_PREFIX, ConfigError, UserError
+from ..config import TrainConfig
+from ..errors import ERROR_PREFIX, ConfigError, UserError
 
-WORKER_MODULE = "dllm_trainer.train"
+WORKER_MODULE = "dllm_trainer.training.train"
 LAUNCH_MODULE = "accelerate.commands.launch"
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _GPU_LIST_RE = re.compile(r"^\s*\d+\s*(,\s*\d+\s*)*$")

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ModelError, UserError
-from .sampling.core import STRATEGIES
-from .sampling.fast_dllm import CACHE_MODES
+from ..errors import ModelError, UserError
+from .core import STRATEGIES
+from .fast_dllm import CACHE_MODES
 
 ALL_STRATEGIES = tuple(dict.fromkeys(s for group in STRATEGIES.values() for s in group))
 DEFAULT_GEN_LENGTH = 128
@@ -137,8 +137,8 @@ def load_session(path: str, device: str = "auto", dtype: str = "auto") -> Sessio
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
-    from . import models as _models  # noqa: F401  (registers LLaDA/Dream with the Auto classes)
-    from .families import family_of_model_type
+    from .. import models as _models  # noqa: F401  (registers LLaDA/Dream with the Auto classes)
+    from ..families import family_of_model_type
 
     if not path:
         raise CLIError("--model is empty")
@@ -282,7 +282,7 @@ def sampling_kwargs(args, gen_length: int, n_masks_in_prompt: int = 0, *, adapt:
 
 
 def run_sampler(sess: Session, ids: list[int], args, gen_length: int, *, adapt: bool = False, seed=None) -> list[int]:
-    from .sampling import generate
+    from . import generate
 
     n_masks = sum(1 for i in ids if i == sess.mask_id)
     if gen_length == 0 and n_masks == 0:
@@ -525,5 +525,5 @@ def main(argv=None) -> int:
     return run_chat(args)
 
 
-if __name__ == "__main__":  # python -m dllm_trainer.chat generate|chat ...
+if __name__ == "__main__":  # python -m dllm_trainer.sampling.chat generate|chat ...
     sys.exit(main())

@@ -34,7 +34,7 @@ import shutil
 import time
 from typing import Any
 
-from .errors import ConfigError, UserError
+from ..errors import ConfigError, UserError
 
 APP_NAME = "Transformer Lab"
 _SECRET_KEY_RE = re.compile(r"(token|key|secret|password)", re.I)

@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .families import get_family
+from ..families import get_family
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ def loglikelihood(
         )
         greedy = False
         if check_greedy:
-            from .sampling import generate
+            from ..sampling import generate
 
             out = generate(
                 model, torch.tensor([ctx]), gen_length=len(cont), steps=len(cont),

@@ -113,7 +113,7 @@ class SampleCallback(TrainerCallback):
     def _sample(self, state, model):
         import torch
 
-        from .sampling import generate
+        from ..sampling import generate
 
         was_training = model.training
         model.eval()

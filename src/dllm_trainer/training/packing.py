@@ -58,7 +58,7 @@ PACKED_KEYS = ("segment_ids", "pack_index")
 # ---- config ------------------------------------------------------------------------------------
 def packing_active(cfg) -> bool:
     """True when ``cfg.pack_sequences`` is on and the family's models take block-diagonal masks."""
-    from .families import FAMILIES
+    from ..families import FAMILIES
 
     fam = FAMILIES.get(cfg.training_method)
     return bool(cfg.pack_sequences) and fam is not None and fam.native_masked_head

@@ -1,7 +1,7 @@
 """The training recipe each worker runs: config -> model -> data -> MDLMTrainer -> saved model.
 
 Run in-process with `run_training(cfg)`, or as an `accelerate launch` worker:
-`python -m dllm_trainer.train --config-json FILE` (what the launcher does).
+`python -m dllm_trainer.training.train --config-json FILE` (what the launcher does).
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from .config import TrainConfig
-from .errors import UserError
+from ..config import TrainConfig
+from ..errors import UserError
 
 
 @dataclass
@@ -136,7 +136,7 @@ def build_training_args(cfg: TrainConfig, dtype, *, has_eval: bool):
 def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainResult:
     from .callbacks import EventCallback, SampleCallback, StopFileCallback
     from .collator import DiffusionCollator
-    from .data import build_datasets
+    from ..data import build_datasets
     from .loading import load_for_training
     from .noise import NoiseSchedule
     from .packing import packing_active, packing_note
@@ -275,10 +275,10 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
 
 def worker_main(argv: list[str] | None = None) -> int:
     """Entry point of one accelerate worker."""
-    ap = argparse.ArgumentParser(prog="python -m dllm_trainer.train")
+    ap = argparse.ArgumentParser(prog="python -m dllm_trainer.training.train")
     ap.add_argument("--config-json", required=True, help="the validated job config as JSON")
     args = ap.parse_args(argv)
-    from .errors import report_unexpected_error, report_user_error
+    from ..errors import report_unexpected_error, report_user_error
 
     cfg = None
     try:

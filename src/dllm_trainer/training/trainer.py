@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer
 
-from .errors import UserError
-from .families import FamilyStrategy
+from ..errors import UserError
+from ..families import FamilyStrategy
 from .loss_weights import token_weights
 from .noise import EVAL_STREAM, TRAIN_STREAM, NoiseSchedule, draw_masks
 from .packing import is_packed, packed_masked_token_loss, packed_noise_and_weights
@@ -248,7 +248,7 @@ class MDLMTrainer(Trainer):
         return metrics
 
     def _elbo_metrics(self, dataset, prefix: str) -> dict[str, float]:
-        from .elbo import corpus_elbo
+        from ..evaluation.elbo import corpus_elbo
 
         d = self.diffusion
         rows = dataset.select(range(min(d.elbo_rows, len(dataset))))

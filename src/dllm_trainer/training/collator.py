@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .families import FamilyStrategy
+from ..families import FamilyStrategy
 from .packing import pack_rows
 
 CUTOFF_STREAM = 2

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TrainConfig
-from .errors import ConfigError, ModelError
-from .families import FAMILIES, FamilyStrategy, family_of_model_type
+from ..config import TrainConfig
+from ..errors import ConfigError, ModelError
+from ..families import FAMILIES, FamilyStrategy, family_of_model_type
 
 MASK_TOKEN_ADDED = "<|mdm_mask|>"
 

@@ -1,0 +1,1 @@
+"""Evaluation: the Monte-Carlo likelihood bound (ELBO)."""

@@ -1,0 +1,1 @@
+"""Host adapters: where a job runs and whom it reports to (standalone, Transformer Lab plugin)."""

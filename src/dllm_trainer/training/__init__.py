@@ -1,0 +1,1 @@
+"""Training: the MDLM trainer, its data collation and noise, launching workers, checkpoints, export."""
