@@ -32,6 +32,11 @@ def llada_tiny(fixtures_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llada_moe_tiny(fixtures_dir) -> Path:
+    return fixtures_dir / "llada-moe-tiny"
+
+
+@pytest.fixture(scope="session")
 def dream_tiny(fixtures_dir) -> Path:
     return fixtures_dir / "dream-tiny"
 

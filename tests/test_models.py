@@ -1,9 +1,9 @@
-"""Our LLaDA / Dream implementations: parity with the published code, and the Model API contract.
+"""Our LLaDA / LLaDA-MoE / Dream implementations: parity with the published code, and the Model API contract.
 
 Parity uses the fixtures (tiny checkpoints in the published on-disk format plus logits computed
 by the published modeling code). Everything else runs on small randomly initialised configs with
-other shapes (GQA, tied weights, embedding_size > vocab_size, qkv bias) so nothing is tuned to
-the fixtures.
+other shapes (GQA, tied weights, embedding_size > vocab_size, qkv bias; for LLaDA-MoE a dense
+layer next to an MoE layer with a shared expert, partial rotary) so nothing is tuned to the fixtures.
 """
 from __future__ import annotations
 
@@ -25,10 +25,12 @@ from dllm_trainer.models import (
     DreamModel,
     LLaDAConfig,
     LLaDAModelLM,
+    LLaDAMoEConfig,
+    LLaDAMoEModelLM,
 )
 from dllm_trainer.models.output_head import chunked_head_cross_entropy
 
-FAMILIES = ["llada", "dream"]
+FAMILIES = ["llada", "llada_moe", "dream"]
 
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
@@ -57,10 +59,26 @@ def dream_config(**overrides) -> DreamConfig:
     return DreamConfig(**kw)
 
 
+def llada_moe_config(**overrides) -> LLaDAMoEConfig:
+    kw = dict(
+        hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, moe_layer_freq=[1, 0],
+        num_experts=4, num_experts_per_tok=2, expert_intermediate_size=16, shared_expert_intermediate_size=24,
+        dense_intermediate_size=40, partial_rotary_factor=0.5, vocab_size=100, tie_word_embeddings=True,
+        mask_token_id=99, pad_token_id=0, eos_token_id=0, max_position_embeddings=64, rope_theta=1e4,
+    )
+    kw.update(overrides)
+    return LLaDAMoEConfig(**kw)
+
+
 def build(family: str, seed: int = 0, **overrides):
     """A random model with non-trivial weights (norm weights too), so mistakes show up in outputs."""
     torch.manual_seed(seed)
-    model = LLaDAModelLM(llada_config(**overrides)) if family == "llada" else DreamModel(dream_config(**overrides))
+    if family == "llada":
+        model = LLaDAModelLM(llada_config(**overrides))
+    elif family == "llada_moe":
+        model = LLaDAMoEModelLM(llada_moe_config(**overrides))
+    else:
+        model = DreamModel(dream_config(**overrides))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or ".ln_f." in name or name.endswith("_norm.weight"):
@@ -88,6 +106,8 @@ def padding_mask(batch: int, length: int) -> torch.Tensor:
     [
         ("llada_tiny", AutoModel, LLaDAModelLM),
         ("llada_tiny", AutoModelForCausalLM, LLaDAModelLM),
+        ("llada_moe_tiny", AutoModel, LLaDAMoEModelLM),
+        ("llada_moe_tiny", AutoModelForCausalLM, LLaDAMoEModelLM),
         ("dream_tiny", AutoModel, DreamModel),
     ],
 )
@@ -103,13 +123,22 @@ def test_parity_with_reference_logits(request, fixture, auto_cls, cls):
             logits = model(ref[ids], attention_mask=ref["attention_mask"]).logits
         assert logits.shape == ref[key].shape
         torch.testing.assert_close(logits[keep], ref[key][keep], atol=1e-4, rtol=0)
+        # without a mask, the rows that have no padding are unchanged
+        full = keep.all(dim=1)
+        with torch.no_grad():
+            unmasked = model(ref[ids]).logits
+        torch.testing.assert_close(unmasked[full], ref[key][full], atol=1e-4, rtol=0)
 
 
-def test_fixture_config_values(llada_tiny, dream_tiny):
+def test_fixture_config_values(llada_tiny, llada_moe_tiny, dream_tiny):
     llada = AutoConfig.from_pretrained(llada_tiny)
     assert isinstance(llada, LLaDAConfig)
     assert (llada.d_model, llada.n_heads, llada.effective_n_kv_heads, llada.mask_token_id) == (64, 4, 4, 500)
     assert llada.hidden_size == 64 and llada.tie_word_embeddings is False
+    moe = AutoConfig.from_pretrained(llada_moe_tiny)
+    assert isinstance(moe, LLaDAMoEConfig)
+    assert (moe.num_experts, moe.num_experts_per_tok, moe.moe_layer_freq, moe.mask_token_id) == (4, 2, [1, 1], 500)
+    assert moe.head_dim == moe.rotary_dim == 16 and moe.norm_topk_prob is False
     dream = AutoConfig.from_pretrained(dream_tiny)
     assert isinstance(dream, DreamConfig)
     assert (dream.num_key_value_heads, dream.rope_theta, dream.mask_token_id) == (2, 1e6, 500)
@@ -326,7 +355,7 @@ def test_save_pretrained_round_trip(family, tmp_path):
         assert (tmp_path / "generation_config.json").is_file()  # the published loader requires it
 
 
-@pytest.mark.parametrize("fixture", ["llada_tiny", "dream_tiny"])
+@pytest.mark.parametrize("fixture", ["llada_tiny", "llada_moe_tiny", "dream_tiny"])
 def test_saved_checkpoint_keeps_published_format(request, fixture, tmp_path):
     src = request.getfixturevalue(fixture)
     model = AutoModel.from_pretrained(src)
@@ -344,7 +373,7 @@ def test_saved_checkpoint_keeps_published_format(request, fixture, tmp_path):
             assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
 
 
-def test_loading_never_prompts_for_remote_code(llada_tiny, dream_tiny, tmp_path, monkeypatch):
+def test_loading_never_prompts_for_remote_code(llada_tiny, llada_moe_tiny, dream_tiny, tmp_path, monkeypatch):
     """The fixtures carry auto_map (remote code); with stdin closed nothing may prompt or fail."""
 
     def no_input(*args, **kwargs):
@@ -353,7 +382,8 @@ def test_loading_never_prompts_for_remote_code(llada_tiny, dream_tiny, tmp_path,
     monkeypatch.setattr(builtins, "input", no_input)
     monkeypatch.setattr(sys, "stdin", open("/dev/null"))
     sys.stdin.close()
-    for src, cfg_cls, model_cls in ((llada_tiny, LLaDAConfig, LLaDAModelLM), (dream_tiny, DreamConfig, DreamModel)):
+    for src, cfg_cls, model_cls in ((llada_tiny, LLaDAConfig, LLaDAModelLM), (dream_tiny, DreamConfig, DreamModel),
+                                    (llada_moe_tiny, LLaDAMoEConfig, LLaDAMoEModelLM)):
         local = tmp_path / src.name
         shutil.copytree(src, local)
         assert "auto_map" in json.loads((local / "config.json").read_text())
@@ -364,21 +394,20 @@ def test_loading_never_prompts_for_remote_code(llada_tiny, dream_tiny, tmp_path,
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / llada_tiny.name)) is LLaDAModelLM
 
 
-@pytest.mark.parametrize("model_type", ["lladamoe", "llada2_moe"])
-def test_llada_moe_is_refused_clearly(model_type, tmp_path):
-    cfg = {"model_type": model_type, "architectures": ["LLaDAMoEModelLM"], "hidden_size": 64, "num_experts": 8,
-           "auto_map": {"AutoConfig": "configuration_lladamoe.LLaDAMoEConfig"}}
+def test_llada2_moe_is_refused_clearly(tmp_path):
+    cfg = {"model_type": "llada2_moe", "architectures": ["LLaDA2MoeModelLM"], "hidden_size": 64, "num_experts": 8,
+           "auto_map": {"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig"}}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="LLaDA-MoE is not supported yet"):
+    with pytest.raises(ValueError, match="LLaDA 2.x MoE .* is not supported yet"):
         AutoConfig.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="LLaDA-MoE is not supported yet"):
+    with pytest.raises(ValueError, match="LLaDA 2.x MoE .* is not supported yet"):
         AutoModel.from_pretrained(tmp_path)
 
 
-def test_llada_moe_through_llada_config_is_refused():
-    with pytest.raises(ValueError, match="LLaDA-MoE is not supported yet"):
+def test_moe_keys_through_llada_config_point_to_llada_moe():
+    with pytest.raises(ValueError, match="use LLaDAMoEConfig"):
         LLaDAConfig(num_experts=64, hidden_size=2048)
-    with pytest.raises(ValueError, match="LLaDA-MoE is not supported yet"):
+    with pytest.raises(ValueError, match="use LLaDAMoEConfig"):
         LLaDAConfig(architectures=["LLaDAMoEModelLM"])
 
 
@@ -407,6 +436,7 @@ def test_unsupported_dream_variants_raise():
 LORA_TARGETS = {
     "llada": ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj"],
     "dream": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "llada_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
 
@@ -427,9 +457,13 @@ def test_peft_lora_wraps_and_trains(family, targets, task_type, checkpointing):
     peft_model = get_peft_model(model, lora)
     wrapped = {n.rsplit(".", 1)[0] for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
     leaf = {w.rsplit(".", 1)[-1] for w in wrapped}
-    expected = set(LORA_TARGETS[family]) | ({"ff_out"} if family == "llada" and targets == "all-linear" else set())
+    extra = {"llada": {"ff_out"}, "llada_moe": {"gate"}}.get(family, set())  # all-linear: LLaDA's ff_out, the router
+    expected = set(LORA_TARGETS[family]) | (extra if targets == "all-linear" else set())
     assert leaf == expected
-    assert len(wrapped) == len(expected) * 2  # every layer
+    if family == "llada_moe":  # layer 0: 4 experts + shared expert (+ router); layer 1: dense MLP
+        assert len(wrapped) == 4 + 4 * 3 + 3 + (targets == "all-linear") + 4 + 3
+    else:
+        assert len(wrapped) == len(expected) * 2  # every layer
     assert not any(w.endswith("transformer.ff_out") or w.endswith("lm_head") for w in wrapped)  # output head untouched
 
     peft_model.train()
@@ -471,6 +505,7 @@ def test_gradient_checkpointing_same_gradients(family):
 
 @pytest.mark.parametrize("family, overrides", [
     ("llada", {}), ("llada", {"weight_tying": False}), ("dream", {}), ("dream", {"tie_word_embeddings": False}),
+    ("llada_moe", {}), ("llada_moe", {"tie_word_embeddings": False}),
 ])
 def test_resize_token_embeddings_for_added_mask_token(family, overrides):
     model = build(family, **overrides)

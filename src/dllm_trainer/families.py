@@ -93,8 +93,8 @@ BERT = FamilyStrategy(
 
 LLADA = FamilyStrategy(
     name="llada",
-    model_types=("llada",),
-    architectures=("LLaDAModelLM",),
+    model_types=("llada", "lladamoe"),  # LLaDA-MoE trains and samples exactly like LLaDA
+    architectures=("LLaDAModelLM", "LLaDAMoEModelLM"),
     shift_logits=False,
     pad_with_eos=True,
     uses_response_cutoffs=False,

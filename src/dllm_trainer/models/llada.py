@@ -33,10 +33,10 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from .kv_cache import BlockKVCache, plan_forward, splice
 from .output_head import DiffusionLMOutput, apply_output_head, check_forward_kwargs
 
-LLADA_MOE_ERROR = (
-    "LLaDA-MoE is not supported yet: dllm-trainer implements the dense LLaDA architecture "
-    "(model_type 'llada', LLaDAModelLM, e.g. GSAI-ML/LLaDA-8B-Base/-Instruct). Use a dense LLaDA "
-    "or Dream checkpoint."
+LLADA2_MOE_ERROR = (
+    "LLaDA 2.x MoE (model_type 'llada2_moe', LLaDA2MoeModelLM, e.g. inclusionAI/LLaDA2.0-mini) is not "
+    "supported yet. Supported: dense LLaDA (model_type 'llada', LLaDAModelLM), LLaDA-MoE-7B-A1B "
+    "(LLaDAMoEModelLM) and Dream."
 )
 
 # Published config.json carries these so the official remote code can be found; we keep writing them.
@@ -126,10 +126,26 @@ class LLaDAConfig(PreTrainedConfig):
     precision: Optional[str] = "amp_bf16"
     use_cache: bool = False
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # The inclusionAI LLaDA-MoE release writes model_type "llada" too: hand it to its own class.
+        if cls is LLaDAConfig:
+            try:
+                from .llada_moe import LLaDAMoEConfig, is_llada_moe_config
+            except ImportError:  # shipped alone (remote code): __post_init__ refuses MoE keys clearly
+                pass
+            else:
+                if is_llada_moe_config(config_dict):
+                    return LLaDAMoEConfig.from_dict(dict(config_dict), **kwargs)
+        return super().from_dict(config_dict, **kwargs)
+
     def __post_init__(self, **kwargs):
         architectures = self.architectures or []
         if any("moe" in str(name).lower() for name in architectures) or any(k in kwargs for k in _MOE_KEYS):
-            raise ValueError(LLADA_MOE_ERROR)
+            raise ValueError(
+                "LLaDAConfig is the dense LLaDA and this is an MoE configuration: use LLaDAMoEConfig for "
+                "LLaDA-MoE (AutoConfig.from_pretrained picks it). " + LLADA2_MOE_ERROR
+            )
         if not architectures:
             self.architectures = ["LLaDAModelLM"]
         kwargs.setdefault("auto_map", dict(LLADA_AUTO_MAP))
@@ -177,22 +193,13 @@ class LLaDAConfig(PreTrainedConfig):
 
 
 
-class LLaDAMoEConfig(PreTrainedConfig):
-    """Placeholder for ``model_type: lladamoe`` (inclusionAI/LLaDA-MoE): refuses with a clear message."""
-
-    model_type = "lladamoe"
-
-    def __post_init__(self, **kwargs):
-        raise ValueError(LLADA_MOE_ERROR)
-
-
 class LLaDA2MoeConfig(PreTrainedConfig):
     """Placeholder for ``model_type: llada2_moe`` (inclusionAI/LLaDA2.0, also MoE): refuses clearly."""
 
     model_type = "llada2_moe"
 
     def __post_init__(self, **kwargs):
-        raise ValueError(LLADA_MOE_ERROR)
+        raise ValueError(LLADA2_MOE_ERROR)
 
 
 def check_supported(config: LLaDAConfig) -> None:
