@@ -1,4 +1,4 @@
-"""LLaDA and Dream training on the tiny parity checkpoints, and what differs per family: EOS padding
+"""LLaDA, LLaDA-MoE and Dream training on the tiny parity checkpoints, and what differs per family: EOS padding
 (LLaDA), the one-position logits shift and response cutoffs (Dream), default loss weights, and how
 the mask token is found."""
 from __future__ import annotations
@@ -22,13 +22,17 @@ from dllm_trainer.families import BERT, DREAM, LLADA, get_family
 from dllm_trainer.training.loading import MASK_TOKEN_ADDED, load_for_training, resolve_mask_token
 from dllm_trainer.training.noise import NoiseSchedule, draw_masks
 from dllm_trainer.training.train import run_training
+from dllm_trainer.sampling import generate
 from tiny_tokenizer import make_tiny_tokenizer
 
 IGN = -100
 EOS = PAD = 2
 MASK = 500
 HEADS = {"llada": "q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out",
-         "dream": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"}
+         "dream": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head",
+         "llada_moe": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"}
+METHOD = {"llada": "llada", "llada_moe": "llada", "dream": "dream"}  # LLaDA-MoE trains with the llada method
+MODEL_CLASS = {"llada": "LLaDAModelLM", "llada_moe": "LLaDAMoEModelLM", "dream": "DreamModel"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,14 +73,14 @@ def safetensor_keys(folder: Path) -> set[str]:
 # ------------------------------------------------------------------------------ training runs
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", "llada_moe", "dream"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_train_save_reload(request, tmp_path, tokenizer, family, lora):
     src = fixture_dir(request, family)
     model_dir = copy_with_tokenizer(src, tmp_path / "model", tokenizer)
     out = tmp_path / "out"
     raw = dict(model_name=str(model_dir), dataset_name=str(asset_path("chat_small.jsonl")), output_dir=str(out),
-               training_method=family, train_device="cpu", max_length=64, batch_size=8, num_train_epochs=0,
+               training_method=METHOD[family], train_device="cpu", max_length=64, batch_size=8, num_train_epochs=0,
                train_steps=40, logging_steps=1, eval_strategy="steps", eval_steps=10, save_steps=1000,
                warmup_ratio=0, learning_rate_schedule="constant", seed=3, lora=lora,
                learning_rate=1e-2 if lora else 3e-3, lora_r=8, lora_alpha=16, lora_target_modules=HEADS[family])
@@ -109,7 +113,7 @@ def test_train_save_reload(request, tmp_path, tokenizer, family, lora):
         assert any(f"LoRA r=8 alpha=16 on {HEADS[family]}" in ln for ln in lines), lines
         assert result.final_model_dir is None
         saved = tmp_path / "fused"
-        fuse_adaptor(str(model_dir), result.adaptor_dir, str(saved), family_name=family, log=lambda *a: None)
+        fuse_adaptor(str(model_dir), result.adaptor_dir, str(saved), family_name=METHOD[family], log=lambda *a: None)
         tol = 1e-4
     else:
         saved = Path(result.final_model_dir)
@@ -117,7 +121,7 @@ def test_train_save_reload(request, tmp_path, tokenizer, family, lora):
     # the published on-disk format: the same tensor names as the checkpoint we started from
     assert safetensor_keys(saved) == safetensor_keys(src)
     reloaded = load(saved)
-    assert type(reloaded).__name__ == {"llada": "LLaDAModelLM", "dream": "DreamModel"}[family]
+    assert type(reloaded).__name__ == MODEL_CLASS[family]
     assert reloaded.config.mask_token_id == MASK
     with torch.no_grad():
         after = reloaded(**probe).logits
@@ -128,6 +132,10 @@ def test_train_save_reload(request, tmp_path, tokenizer, family, lora):
 
     tok = AutoTokenizer.from_pretrained(str(saved))
     assert tok.mask_token_id == MASK and tok.eos_token_id == EOS
+    # the reloaded model samples with its family's sampler: prompt kept, every mask decoded
+    prompt = probe["input_ids"][:1, :8]
+    out = generate(reloaded, prompt, gen_length=8, steps=8, block_length=8)
+    assert out.shape == (1, 16) and torch.equal(out[:, :8], prompt) and not (out == MASK).any()
 
 
 # ------------------------------------------------------------------------------ LLaDA: EOS padding
@@ -192,10 +200,11 @@ def test_dream_align_logits_and_output_positions():
     assert LLADA.output_positions(flat, L).tolist() == flat.tolist()
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", "llada_moe", "dream"])
 def test_masked_token_loss_matches_full_logits(request, family):
-    fam = get_family(family)
+    fam = get_family(METHOD[family])
     model = load(fixture_dir(request, family))
+    assert get_family(model) is fam
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 400, (2, 12), generator=g)
     attn = torch.ones_like(ids)
@@ -207,7 +216,7 @@ def test_masked_token_loss_matches_full_logits(request, family):
         logits = model(input_ids=ids, attention_mask=attn).logits  # raw model output
     # which output predicts each token, written out by hand: (row, output index)
     src = {"llada": [(0, 0), (0, 3), (0, 7), (1, 0), (1, 1), (1, 11)],
-           "dream": [(0, 0), (0, 2), (0, 6), (1, 0), (1, 0), (1, 10)]}[family]
+           "dream": [(0, 0), (0, 2), (0, 6), (1, 0), (1, 0), (1, 10)]}[METHOD[family]]
     picked = torch.stack([logits[b, i] for b, i in src])
     expected = F.cross_entropy(picked, targets, reduction="none")
     assert torch.allclose(loss, expected, atol=1e-5)
@@ -317,7 +326,7 @@ def test_mask_token_from_tokenizer(dream_tiny):
     assert model.get_input_embeddings().weight.shape[0] == 512
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", "llada_moe", "dream"])
 def test_mask_token_added_when_missing(request, tmp_path, family):
     src = fixture_dir(request, family)
     tok = tiny_tokenizer_without_mask()
@@ -325,7 +334,7 @@ def test_mask_token_added_when_missing(request, tmp_path, family):
     conf = json.loads((model_dir / "config.json").read_text())
     conf["mask_token_id"] = None
     (model_dir / "config.json").write_text(json.dumps(conf))
-    cfg = TrainConfig.from_dict({"model_name": str(model_dir), "dataset_name": "d", "training_method": family,
+    cfg = TrainConfig.from_dict({"model_name": str(model_dir), "dataset_name": "d", "training_method": METHOD[family],
                                  "train_device": "cpu", "lora": "false", "max_length": 64})
     lines: list[str] = []
     loaded = load_for_training(cfg, log=lines.append)

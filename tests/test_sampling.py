@@ -13,8 +13,8 @@ forward over an unchanged sequence gives the uncached logits for every window th
 uses, and (b) statistically: on models briefly fitted to a learnable corpus, at least
 CACHE_AGREEMENT_BOUND of the generated tokens equal the uncached output (measured on 12
 settings per family and mode: LLaDA 0.969-1.0, Dream 1.0).
-On the random-weight fixtures the agreement is much lower (LLaDA: about 0.2-0.5 of the
-generated tokens), because their near-uniform predictions flip on tiny logit changes; it is
+On the random-weight fixtures the agreement is much lower (LLaDA: about 0.2-0.5, LLaDA-MoE
+0.34-0.92 of the generated tokens), because their near-uniform predictions flip on tiny logit changes; it is
 reported by test_cache_agreement_on_fixtures with only a sanity bound.
 """
 from __future__ import annotations
@@ -53,6 +53,11 @@ pytestmark = pytest.mark.usefixtures("single_thread_module")
 @pytest.fixture(scope="module")
 def llada(llada_tiny):
     return _load(llada_tiny)
+
+
+@pytest.fixture(scope="module")
+def llada_moe(llada_moe_tiny):
+    return _load(llada_moe_tiny)
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +181,13 @@ def plain_dream(model, prompt, gen_length, steps, mask_id, alg, eps=1e-3, one_pe
 # exactness
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("key", list(LLADA_KEYS))
-def test_llada_fixture_exact(llada, llada_tiny, key):
-    ref = load_file(str(llada_tiny / "greedy_generate.safetensors"))
+@pytest.mark.parametrize("name", ["llada", "llada_moe"])
+def test_llada_fixture_exact(request, name, key):
+    """LLaDA and LLaDA-MoE share the LLaDA sampler; both fixtures come from their reference samplers."""
+    model, path = request.getfixturevalue(name), request.getfixturevalue(f"{name}_tiny")
+    ref = load_file(str(path / "greedy_generate.safetensors"))
     steps, gen_length, block = LLADA_KEYS[key]
-    out = generate(llada, ref["prompt"], gen_length=gen_length, steps=steps, block_length=block)
+    out = generate(model, ref["prompt"], gen_length=gen_length, steps=steps, block_length=block)
     assert torch.equal(out, ref[key])
 
 
@@ -273,11 +281,11 @@ def test_tiny_threshold_reveals_whole_block_from_one_forward(llada):
     assert torch.equal(out[:, 6:14], first[:, 6:14])
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", "llada_moe", "dream"])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
-def test_cache_plumbing_exact_on_unchanged_sequence(llada, random_dream, family, mode):
+def test_cache_plumbing_exact_on_unchanged_sequence(llada, llada_moe, random_dream, family, mode):
     """A cached forward over an unchanged sequence equals the uncached one (all windows used)."""
-    model = llada if family == "llada" else random_dream
+    model = {"llada": llada, "llada_moe": llada_moe, "dream": random_dream}[family]
     fam = get_family(model)
     mask_id = model.config.mask_token_id
     x = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(6))
@@ -311,9 +319,10 @@ def test_cache_agreement_on_fitted_models(fitted, family, mode):
     assert min(agreements) >= CACHE_AGREEMENT_BOUND, agreements
 
 
-def test_cache_agreement_on_fixtures(llada, dream, llada_tiny, dream_tiny):
+def test_cache_agreement_on_fixtures(llada, llada_moe, dream, llada_tiny, llada_moe_tiny, dream_tiny):
     """Random-weight fixtures: report the agreement; Dream's constant predictions agree fully."""
-    for model, path, keys in [(llada, llada_tiny, LLADA_KEYS), (dream, dream_tiny, None)]:
+    for model, path, keys in [(llada, llada_tiny, LLADA_KEYS), (llada_moe, llada_moe_tiny, LLADA_KEYS),
+                              (dream, dream_tiny, None)]:
         ref = load_file(str(path / "greedy_generate.safetensors"))
         settings = keys.items() if keys else [(k, (16, 16, 16)) for k in DREAM_KEYS]
         for key, (steps, gen_length, block) in settings:
@@ -390,10 +399,10 @@ def test_stop_at_eos(llada):
         assert stats.get("early_stop_block") is not None
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", "llada_moe", "dream"])
 @pytest.mark.parametrize("cache", [None, "dual"])
-def test_padded_batch_equals_unpadded_rows(llada, random_dream, family, cache):
-    model = llada if family == "llada" else random_dream
+def test_padded_batch_equals_unpadded_rows(llada, llada_moe, random_dream, family, cache):
+    model = {"llada": llada, "llada_moe": llada_moe, "dream": random_dream}[family]
     pad = model.config.pad_token_id
     g = torch.Generator().manual_seed(9)
     rows = [torch.randint(3, 100, (n,), generator=g) for n in (7, 4, 6)]

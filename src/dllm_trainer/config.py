@@ -56,7 +56,7 @@ class TrainConfig:
     dataset_split: str = _f("", "Dataset split", "Split to train on (default: train).", form=False)
 
     # ---- method and hardware -----------------------------------------------------------------
-    training_method: str = _f("bert", "Training method", "bert: BertForMaskedLM/ModernBertForMaskedLM with MDLM. llada: LLaDA SFT (EOS-padded responses, 1/t weighting). dream: Dream SFT (logits shifted by one, response cutoffs, CART weighting).", enum=["bert", "llada", "dream"])
+    training_method: str = _f("bert", "Training method", "bert: BertForMaskedLM/ModernBertForMaskedLM with MDLM. llada: LLaDA and LLaDA-MoE SFT (EOS-padded responses, 1/t weighting). dream: Dream SFT (logits shifted by one, response cutoffs, CART weighting).", enum=["bert", "llada", "dream"])
     train_device: str = _f("cuda", "Training device", "cuda: GPUs (gpu_ids picks which); cpu: CPU workers (num_processes); tpu: accelerate's TPU mode.", enum=["cuda", "cpu", "tpu"])
     gpu_ids: str = _f("auto", "GPU IDs", "'auto' uses every visible GPU; or a comma list such as 0,2.", pattern=r"^(auto|\d+(\s*,\s*\d+)*)$")
     num_processes: int = _f(1, "CPU processes", "Number of worker processes when train_device is cpu (gloo backend).", minimum=1, maximum=256)
@@ -77,7 +77,7 @@ class TrainConfig:
     # ---- model loading -------------------------------------------------------------------------
     dtype: str = _f("auto", "Precision", "auto: bfloat16 on GPUs that support it, else float32.", enum=["auto", "bfloat16", "float16", "float32"])
     load_in_4bit: bool = _f(False, "Load in 4-bit (QLoRA)", "Quantise the base model with bitsandbytes NF4 (CUDA only; requires LoRA).")
-    trust_remote_code: bool = _f(False, "Trust remote code", "Run modeling code shipped with the checkpoint. Off by default: LLaDA and Dream are built in.")
+    trust_remote_code: bool = _f(False, "Trust remote code", "Run modeling code shipped with the checkpoint. Off by default: LLaDA, LLaDA-MoE and Dream are built in.")
     gradient_checkpointing: bool = _f(False, "Gradient checkpointing", "Recompute activations in the backward pass to save memory.")
     torch_compile: bool = _f(False, "torch.compile", "Compile the model with torch.compile.")
 
