@@ -79,9 +79,13 @@ def test_plugin_identity(manifest):
 
 def test_model_architectures(manifest):
     archs = manifest["model_architectures"]
-    for a in ("BertForMaskedLM", "ModernBertForMaskedLM", "LLaDAModelLM", "DreamModel"):
+    for a in ("BertForMaskedLM", "ModernBertForMaskedLM", "LLaDAModelLM", "DreamModel", "BertModel",
+              "RobertaForMaskedLM"):
         assert a in archs
     assert len(set(archs)) == len(archs)
+    from dllm_trainer.config import model_architectures
+
+    assert archs == model_architectures()  # generated from families.py: `dllm-trainer manifest --manifest index.json`
 
 
 def test_files_and_setup_script_exist(manifest):

@@ -56,7 +56,7 @@ class TrainConfig:
     dataset_split: str = _f("", "Dataset split", "Split to train on (default: train).", form=False)
 
     # ---- method and hardware -----------------------------------------------------------------
-    training_method: str = _f("bert", "Training method", "bert: BertForMaskedLM/ModernBertForMaskedLM with MDLM. llada: LLaDA and LLaDA-MoE SFT (EOS-padded responses, 1/t weighting). dream: Dream SFT (logits shifted by one, response cutoffs, CART weighting).", enum=["bert", "llada", "dream"])
+    training_method: str = _f("bert", "Training method", "bert: a masked-LM encoder (BERT, RoBERTa, XLM-R, DistilBERT, DeBERTa-v2, ELECTRA, ModernBERT; a missing MLM head is added) with MDLM. llada: LLaDA and LLaDA-MoE SFT (EOS-padded responses, 1/t weighting). dream: Dream SFT (logits shifted by one, response cutoffs, CART weighting).", enum=["bert", "llada", "dream"])
     train_device: str = _f("cuda", "Training device", "cuda: GPUs (gpu_ids picks which); cpu: CPU workers (num_processes); tpu: accelerate's TPU mode.", enum=["cuda", "cpu", "tpu"])
     gpu_ids: str = _f("auto", "GPU IDs", "'auto' uses every visible GPU; or a comma list such as 0,2.", pattern=r"^(auto|\d+(\s*,\s*\d+)*)$")
     num_processes: int = _f(1, "CPU processes", "Number of worker processes when train_device is cpu (gloo backend).", minimum=1, maximum=256)
@@ -362,10 +362,18 @@ def manifest_parameters() -> tuple[dict, dict]:
     return params, ui
 
 
+def model_architectures() -> list[str]:
+    """index.json's ``model_architectures`` (what the Train tab offers the plugin for): every family's."""
+    from .families import FAMILIES
+
+    return list(dict.fromkeys(a for fam in FAMILIES.values() for a in fam.architectures))
+
+
 def _main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(description="Print or write the manifest's parameters from the config fields.")
+    ap = argparse.ArgumentParser(description="Print or write the manifest's parameters (from the config fields) "
+                                             "and model architectures (from the families).")
     ap.add_argument("--manifest", metavar="INDEX_JSON", help="update the parameters of this index.json in place")
     args = ap.parse_args(argv)
     params, ui = manifest_parameters()
@@ -373,6 +381,7 @@ def _main(argv: list[str] | None = None) -> int:
         with open(args.manifest, encoding="utf-8") as fh:
             manifest = json.load(fh)
         manifest["parameters"], manifest["parameters_ui"] = params, ui
+        manifest["model_architectures"] = model_architectures()
         with open(args.manifest, "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2)
             fh.write("\n")

@@ -81,8 +81,15 @@ class FamilyStrategy:
 
 BERT = FamilyStrategy(
     name="bert",
-    model_types=("bert", "modernbert"),
-    architectures=("BertForMaskedLM", "ModernBertForMaskedLM"),
+    # Any encoder whose masked-LM class AutoModelForMaskedLM builds; a plain encoder checkpoint
+    # (e.g. BertModel) loads into it with the MLM head initialised (training/loading.py).
+    model_types=("bert", "modernbert", "roberta", "xlm-roberta", "distilbert", "deberta-v2", "electra"),
+    architectures=(
+        "BertForMaskedLM", "ModernBertForMaskedLM", "RobertaForMaskedLM", "XLMRobertaForMaskedLM",
+        "DistilBertForMaskedLM", "DebertaV2ForMaskedLM", "ElectraForMaskedLM",
+        "BertModel", "ModernBertModel", "RobertaModel", "XLMRobertaModel", "DistilBertModel", "DebertaV2Model",
+        "ElectraModel",
+    ),
     shift_logits=False,
     pad_with_eos=False,
     uses_response_cutoffs=False,

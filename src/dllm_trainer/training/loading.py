@@ -12,8 +12,6 @@ from ..families import FAMILIES, FamilyStrategy, family_of_model_type
 
 MASK_TOKEN_ADDED = "<|mdm_mask|>"
 
-# Where each family keeps its output head (trained in full under LoRA when it is new).
-_HEAD_MODULES = {"bert": ["cls"], "modernbert": ["head", "decoder"]}
 
 
 @dataclass
@@ -81,6 +79,15 @@ def check_family(config, cfg: TrainConfig) -> FamilyStrategy:
     return family
 
 
+def head_modules(model) -> list[str]:
+    """Names of a masked-LM's output head: its top-level submodules with weights other than the
+    encoder (``base_model_prefix``), e.g. ``cls`` (BERT), ``lm_head`` (RoBERTa), ``head``+``decoder``
+    (ModernBERT), ``vocab_transform``+``vocab_layer_norm``+``vocab_projector`` (DistilBERT)."""
+    base = getattr(model, "base_model_prefix", "")
+    return [name for name, child in model.named_children()
+            if name != base and any(True for _ in child.parameters())]
+
+
 def load_for_training(cfg: TrainConfig, *, log=print, device_map=None) -> LoadedModel:
     from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
@@ -119,7 +126,7 @@ def load_for_training(cfg: TrainConfig, *, log=print, device_map=None) -> Loaded
         raise ModelError(f"cannot load the weights of model '{cfg.model_name}': {msg}") from None
 
     new_head = False
-    head_names = _HEAD_MODULES.get(config.model_type.lower(), [])
+    head_names = head_modules(model)
     missing = [k for k in info.get("missing_keys", []) if any(k.startswith(h + ".") for h in head_names)]
     if missing:
         new_head = True
