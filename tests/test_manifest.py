@@ -80,7 +80,7 @@ def test_plugin_identity(manifest):
 def test_model_architectures(manifest):
     archs = manifest["model_architectures"]
     for a in ("BertForMaskedLM", "ModernBertForMaskedLM", "LLaDAModelLM", "DreamModel", "BertModel",
-              "RobertaForMaskedLM"):
+              "RobertaForMaskedLM", "Qwen2ForCausalLM", "LlamaForCausalLM"):
         assert a in archs
     assert len(set(archs)) == len(archs)
     from dllm_trainer.config import model_architectures

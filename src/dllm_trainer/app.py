@@ -283,8 +283,11 @@ def _run_job(cfg: TrainConfig, reporter, *, gpu_count, poll_interval, log) -> in
         adaptor_dir = result.get("adaptor_dir") or adaptor_dir_for(cfg)
         staging = os.path.join(cfg.output_dir, "fused_model")
         log("[dllm] fusing the LoRA adaptor into the base model")
+        from .families import get_family
+
         export.fuse_adaptor(cfg.model_name, adaptor_dir, staging, family_name=cfg.training_method,
-                            dtype=_fuse_dtype(cfg.model_name), trust_remote_code=cfg.trust_remote_code, log=log)
+                            dtype=_fuse_dtype(cfg.model_name), trust_remote_code=cfg.trust_remote_code, log=log,
+                            family=get_family(cfg.training_method).configured(cfg))
     else:
         adaptor_dir = None
         staging = result.get("final_model_dir") or os.path.join(cfg.output_dir, "final_model")

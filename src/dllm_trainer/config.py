@@ -56,7 +56,7 @@ class TrainConfig:
     dataset_split: str = _f("", "Dataset split", "Split to train on (default: train).", form=False)
 
     # ---- method and hardware -----------------------------------------------------------------
-    training_method: str = _f("bert", "Training method", "bert: a masked-LM encoder (BERT, RoBERTa, XLM-R, DistilBERT, DeBERTa-v2, ELECTRA, ModernBERT; a missing MLM head is added) with MDLM. llada: LLaDA and LLaDA-MoE SFT (EOS-padded responses, 1/t weighting). dream: Dream SFT (logits shifted by one, response cutoffs, CART weighting).", enum=["bert", "llada", "dream"])
+    training_method: str = _f("bert", "Training method", "bert: a masked-LM encoder (BERT, RoBERTa, XLM-R, DistilBERT, DeBERTa-v2, ELECTRA, ModernBERT; a missing MLM head is added) with MDLM. llada: LLaDA and LLaDA-MoE SFT (EOS-padded responses, 1/t weighting). dream: Dream SFT (logits shifted by one, response cutoffs, CART weighting). a2d: turn a causal LM (Qwen2/3, Llama, Mistral, Gemma, GPT-NeoX, ...) into a diffusion LM: bidirectional attention, a mask token, Dream-style logits shift, EOS-padded responses, 1/t weighting.", enum=["bert", "llada", "dream", "a2d"])
     train_device: str = _f("cuda", "Training device", "cuda: GPUs (gpu_ids picks which); cpu: CPU workers (num_processes); tpu: accelerate's TPU mode.", enum=["cuda", "cpu", "tpu"])
     gpu_ids: str = _f("auto", "GPU IDs", "'auto' uses every visible GPU; or a comma list such as 0,2.", pattern=r"^(auto|\d+(\s*,\s*\d+)*)$")
     num_processes: int = _f(1, "CPU processes", "Number of worker processes when train_device is cpu (gloo backend).", minimum=1, maximum=256)
@@ -110,13 +110,14 @@ class TrainConfig:
 
     # ---- diffusion objective -------------------------------------------------------------------
     mask_prompt_loss: bool = _f(True, "Mask prompt loss", "Keep prompt tokens visible and out of the loss (SFT). Off: the whole row is trained.")
-    loss_weight_type: str = _f("auto", "Loss weighting", "auto: the method's default (scheduler for bert/llada, cart[geo_p:0.3] for dream). scheduler: 1/t. uniform: 1. cart[geo_p:P]: CART geometric-kernel weights with 0 < P <= 1.", pattern=r"^(auto|scheduler|uniform|cart\[geo_p:[0-9]*\.?[0-9]+\])$")
+    loss_weight_type: str = _f("auto", "Loss weighting", "auto: the method's default (scheduler for bert/llada/a2d, cart[geo_p:0.3] for dream). scheduler: 1/t. uniform: 1. cart[geo_p:P]: CART geometric-kernel weights with 0 < P <= 1.", pattern=r"^(auto|scheduler|uniform|cart\[geo_p:[0-9]*\.?[0-9]+\])$")
     loss_normalization: str = _f("trainable_tokens", "Loss normalisation", "trainable_tokens: divide by the number of trainable tokens over the whole optimizer step (all micro-batches and workers). masked_tokens: by the number of masked tokens.", enum=["trainable_tokens", "masked_tokens"])
     noise_eps: float = _f(1e-3, "Noise eps", "Mask ratio t = eps + (1 - eps) * U(0, 1).", minimum=0.0, maximum=0.5)
     min_mask_ratio: float = _f(0.0, "Min mask ratio", "t is rescaled into [min_mask_ratio, max_mask_ratio].", minimum=0.0, maximum=1.0)
     max_mask_ratio: float = _f(1.0, "Max mask ratio", "t is rescaled into [min_mask_ratio, max_mask_ratio].", minimum=0.0, maximum=1.0)
     perbatch_cutoff: bool = _f(True, "Per-batch response cutoff (dream)", "Dream: pick one response length from the batch and trim longer responses to it before padding.")
     resp_cutoff_ratio: float = _f(0.0, "Response cutoff ratio (dream)", "Dream: probability of an extra random cut of the padded batch (used when perbatch_cutoff is off).", minimum=0.0, maximum=1.0)
+    a2d_shift_logits: bool = _f(True, "Shift logits (a2d)", "a2d: predict token i from output i-1 (Dream-style), where the causal LM's head already predicts the next token, so its knowledge carries over. Off: token i from output i. Saved in the model's config for the samplers.")
     eval_elbo_samples: int = _f(0, "Eval ELBO samples", "Monte-Carlo samples per eval row for the likelihood bound (eval NLL and perplexity bound, as LLaDA evaluates); 0 turns it off.", minimum=0, maximum=4096)
     eval_elbo_rows: int = _f(32, "Eval ELBO rows", "Eval rows scored by the likelihood bound at each evaluation.", minimum=1, maximum=100000)
     ce_chunk_size: int = _f(4096, "Loss chunk size", "Masked tokens per chunk of the output head + cross-entropy (memory vs speed).", minimum=64, maximum=1048576)

@@ -1,4 +1,4 @@
-"""One strategy object per model family: bert, llada, dream.
+"""One strategy object per model family: bert, llada, dream, a2d.
 
 Everything that differs between the families lives here, so the trainer, the collator and the
 samplers ask the strategy instead of branching on names:
@@ -8,10 +8,14 @@ samplers ask the strategy instead of branching on names:
 - how responses are padded (LLaDA pads with EOS and trains on it),
 - which loss weighting and sampler are the family's defaults,
 - how to get the cross-entropy at masked positions only (our LLaDA/Dream models compute the head
-  there natively; HF BERT models give full logits that we gather).
+  there natively; HF BERT models give full logits that we gather; HF causal LMs compute the head
+  at the needed columns through ``logits_to_keep``),
+- which Auto class loads the family's checkpoints, and what a loaded model needs before it is a
+  diffusion LM (a2d: bidirectional attention and a config marker; see models/a2d.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +35,25 @@ class FamilyStrategy:
     default_loss_weight: str
     default_sampler: str
     native_masked_head: bool  # model(..., output_positions=, target_ids=) is supported
+    auto_class: str = "AutoModel"  # the transformers Auto class that loads the family's checkpoints
+    trains_mask_embedding: bool = False  # LoRA also trains the mask token's embedding row (a new token)
+
+    # ---- per-model variants and preparation (a2d overrides these) ------------------------------
+    def configured(self, cfg) -> "FamilyStrategy":
+        """The strategy a training run with config ``cfg`` uses (options of the method applied)."""
+        return self
+
+    def for_config(self, config) -> "FamilyStrategy":
+        """The strategy that fits a saved/loaded model with this config (e.g. its logits alignment)."""
+        return self
+
+    def adapt(self, model, mask_token_id: int, *, log=print) -> None:
+        """Make a freshly loaded checkpoint of the family a diffusion LM of this strategy (in place)."""
+
+    def logits_at(self, model, input_ids: torch.Tensor, columns: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Logits [B, len(columns), V] of the model outputs at sequence ``columns`` (kwargs: None dropped)."""
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        return model(input_ids=input_ids, **kwargs).logits[:, columns]
 
     # ---- logits alignment -------------------------------------------------------------------
     def output_positions(self, token_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -96,6 +119,7 @@ BERT = FamilyStrategy(
     default_loss_weight="scheduler",
     default_sampler="low_confidence",
     native_masked_head=False,
+    auto_class="AutoModelForMaskedLM",
 )
 
 LLADA = FamilyStrategy(
@@ -122,7 +146,76 @@ DREAM = FamilyStrategy(
     native_masked_head=True,
 )
 
-FAMILIES: dict[str, FamilyStrategy] = {f.name: f for f in (BERT, LLADA, DREAM)}
+
+
+@dataclass(frozen=True)
+class A2DStrategy(FamilyStrategy):
+    """Autoregressive -> diffusion: a Hugging Face causal LM trained as a masked diffusion LM.
+
+    The model is the base's own class made bidirectional (models/a2d.py); the logits shift is an
+    option of the run (``a2d_shift_logits``), recorded in the saved model's config marker and read
+    back from it (``for_config``). Responses are EOS-padded and the padding trained, as for LLaDA.
+    """
+
+    def configured(self, cfg) -> "FamilyStrategy":
+        return dataclasses.replace(self, shift_logits=bool(cfg.a2d_shift_logits))
+
+    def for_config(self, config) -> "FamilyStrategy":
+        from .models.a2d import read_marker
+
+        marker = read_marker(config)
+        if marker is None:
+            raise ModelError(
+                f"this {getattr(config, 'model_type', '?')} model is an autoregressive LM, not a diffusion LM: "
+                "convert it first by training it with training_method 'a2d'"
+            )
+        shift = bool(marker.get("shift_logits", True))
+        return self if shift == self.shift_logits else dataclasses.replace(self, shift_logits=shift)
+
+    def adapt(self, model, mask_token_id: int, *, log=print) -> None:
+        from .models.a2d import check_bidirectional, make_diffusion_lm
+
+        make_diffusion_lm(model, mask_token_id, shift_logits=self.shift_logits)
+        check_bidirectional(model)
+        log(f"[dllm] a2d: {getattr(model.config, 'model_type', '?')} attention made bidirectional "
+            f"(config.is_causal=False); mask token id {mask_token_id}; logits shift {'on' if self.shift_logits else 'off'}")
+
+    def logits_at(self, model, input_ids: torch.Tensor, columns: torch.Tensor, **kwargs) -> torch.Tensor:
+        # HF causal LMs run the output head only at ``logits_to_keep`` (a tensor of sequence indices).
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        return model(input_ids=input_ids, logits_to_keep=columns, use_cache=False, **kwargs).logits
+
+    def masked_token_loss(self, model, input_ids, attention_mask, position_ids, token_positions, targets,
+                          ce_chunk_size: int = 4096):
+        seq_len = input_ids.shape[1]
+        out_pos = self.output_positions(token_positions, seq_len)
+        columns, slot = torch.unique(out_pos % seq_len, return_inverse=True)
+        logits = self.logits_at(model, input_ids, columns, attention_mask=attention_mask, position_ids=position_ids)
+        picked = logits[out_pos // seq_len, slot].float()
+        loss = F.cross_entropy(picked, targets, reduction="none")
+        return loss, picked.argmax(-1) == targets
+
+
+A2D = A2DStrategy(
+    name="a2d",
+    # Decoder-only causal LMs whose attention honours transformers' config.is_causal switch
+    # (checked on every load by models.a2d.check_bidirectional). SmolLM/SmolLM2 are Llama.
+    model_types=("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "gpt_neox", "smollm3",
+                 "phi3"),
+    architectures=("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
+                   "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GPTNeoXForCausalLM",
+                   "SmolLM3ForCausalLM", "Phi3ForCausalLM"),
+    shift_logits=True,
+    pad_with_eos=True,
+    uses_response_cutoffs=False,
+    default_loss_weight="scheduler",
+    default_sampler="low_confidence",
+    native_masked_head=False,
+    auto_class="AutoModelForCausalLM",
+    trains_mask_embedding=True,
+)
+
+FAMILIES: dict[str, FamilyStrategy] = {f.name: f for f in (BERT, LLADA, DREAM, A2D)}
 
 
 def family_of_model_type(model_type: str | None) -> FamilyStrategy | None:
@@ -134,7 +227,8 @@ def family_of_model_type(model_type: str | None) -> FamilyStrategy | None:
 
 
 def get_family(name_or_model) -> FamilyStrategy:
-    """The strategy for a family name ("bert" | "llada" | "dream"), a config, or a model."""
+    """The strategy for a family name ("bert" | "llada" | "dream" | "a2d"), a config, or a model
+    (then the variant that fits it: an a2d model's logits shift comes from its config marker)."""
     if isinstance(name_or_model, str):
         try:
             return FAMILIES[name_or_model]
@@ -150,4 +244,4 @@ def get_family(name_or_model) -> FamilyStrategy:
             f"model type '{getattr(config, 'model_type', None)}' is not a supported diffusion LM "
             f"(supported: {', '.join(a for f in FAMILIES.values() for a in f.architectures)})"
         )
-    return fam
+    return fam.for_config(config)

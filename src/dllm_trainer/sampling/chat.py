@@ -16,7 +16,8 @@ Shared settings: --steps, --gen-length, --block-length, --temperature, --strateg
 
 Loading: importing dllm_trainer registers our LLaDA/Dream classes with transformers' Auto
 classes, so local folders (our fused outputs) and public checkpoints load without
-trust_remote_code; BERT-family checkpoints load with AutoModelForMaskedLM.
+trust_remote_code; each family's Auto class loads its checkpoints (BERT family: AutoModelForMaskedLM;
+a2d: AutoModelForCausalLM, made bidirectional again from the config marker).
 
 Bad input (missing model, unknown strategy, ...) prints one ``error: ...`` line to stderr and
 returns exit code 2; no traceback.
@@ -135,7 +136,7 @@ def _first_line(e: BaseException) -> str:
 
 def load_session(path: str, device: str = "auto", dtype: str = "auto") -> Session:
     import transformers
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from .. import models as _models  # noqa: F401  (registers LLaDA/Dream with the Auto classes)
     from ..families import family_of_model_type
@@ -167,8 +168,9 @@ def load_session(path: str, device: str = "auto", dtype: str = "auto") -> Sessio
     if family is None:
         raise ModelError(
             f"model '{path}' (model_type '{getattr(config, 'model_type', None)}') is not a supported "
-            f"diffusion LM (LLaDA, Dream or a BERT-family masked LM)"
+            f"diffusion LM (LLaDA, Dream, a BERT-family masked LM or a causal LM converted by a2d)"
         )
+    family = family.for_config(config)  # a2d: the logits shift from the config marker (none: not converted)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
@@ -177,7 +179,7 @@ def load_session(path: str, device: str = "auto", dtype: str = "auto") -> Sessio
             tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path)
         else:
             raise ModelError(f"cannot load a tokenizer for model '{path}': {_first_line(e)}") from None
-    auto_cls = AutoModelForMaskedLM if family.name == "bert" else AutoModel
+    auto_cls = getattr(transformers, family.auto_class)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the multi-line load report is replaced by one warning below
     try:
@@ -205,6 +207,7 @@ def load_session(path: str, device: str = "auto", dtype: str = "auto") -> Sessio
         tok_str = tokenizer.convert_ids_to_tokens(int(mask_id))
         if tok_str is not None:
             tokenizer.mask_token = tok_str
+    family.adapt(model, int(mask_id), log=lambda *a: None)  # a2d: re-applies bidirectional attention
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         eos = getattr(model.config, "eos_token_id", None)

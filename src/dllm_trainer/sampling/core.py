@@ -43,6 +43,7 @@ STRATEGIES: dict[str, tuple[str, ...]] = {
     "bert": llada_style.STRATEGIES,
     "llada": llada_style.STRATEGIES,
     "dream": dream_style.STRATEGIES,
+    "a2d": llada_style.STRATEGIES,  # LLaDA-style training (EOS padding): LLaDA-style sampling
 }
 DREAM_ONLY_OPTIONS = ("alg_temp", "top_p", "top_k", "eps")
 

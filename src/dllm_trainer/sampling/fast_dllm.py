@@ -118,7 +118,7 @@ class ModelCaller:
                 kwargs["attention_mask"] = attn[:, start:end]
             if pos is not None:
                 kwargs["position_ids"] = pos
-            logits = self.model(input_ids=inp, **kwargs).logits[:, rel]
+            logits = self.family.logits_at(self.model, inp, rel, **kwargs)
         self.stats["nfe"] += 1
         self.stats["forward_tokens"] += int(inp.numel())
         if self.cfg_scale > 0:

@@ -3,7 +3,7 @@
 Fusing happens in the launching process after the workers exit: the base model is reloaded in
 full precision on the CPU (also after 4-bit training, so the fused weights carry no quantisation
 error), the adaptor applied and merged with peft's `merge_and_unload`, and the result saved in
-the family's published on-disk format.
+the family's published on-disk format (a2d: the base causal LM's own format plus a config marker).
 """
 from __future__ import annotations
 
@@ -21,31 +21,36 @@ METADATA_FILE = "dllm_training.json"
 _SECRET_KEY_RE = re.compile(r"(token|key|secret|password)", re.I)
 
 
-def _auto_class(family_name: str):
-    from transformers import AutoModel, AutoModelForMaskedLM
-
-    return AutoModelForMaskedLM if family_name == "bert" else AutoModel
-
-
 def fuse_adaptor(base_model: str, adaptor_dir: str, out_dir: str, *, family_name: str, dtype=None,
-                 trust_remote_code: bool = False, log=print) -> str:
+                 trust_remote_code: bool = False, log=print, family=None) -> str:
+    """``family``: the run's configured strategy (``families.get_family(name).configured(cfg)``);
+    default: the plain strategy of ``family_name``."""
     import torch
+    import transformers
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    from ..families import get_family
+    from .loading import resize_embeddings
+
+    family = family or get_family(family_name)
     dtype = dtype or torch.float32
     try:
-        base = _auto_class(family_name).from_pretrained(base_model, dtype=dtype, trust_remote_code=trust_remote_code)
+        base = getattr(transformers, family.auto_class).from_pretrained(
+            base_model, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot reload base model '{base_model}' to fuse the adaptor: {str(e).splitlines()[0]}") from None
     tokenizer = AutoTokenizer.from_pretrained(adaptor_dir if _has_tokenizer(adaptor_dir) else base_model)
     if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-        base.resize_token_embeddings(len(tokenizer))  # a mask token was added during training
+        resize_embeddings(base, len(tokenizer))  # a mask token was added during training: the same rows
     if tokenizer.mask_token_id is not None and getattr(base.config, "mask_token_id", None) is None:
         base.config.mask_token_id = tokenizer.mask_token_id
     model = PeftModel.from_pretrained(base, adaptor_dir)
     fused = model.merge_and_unload()
     _untie_shared_parameters(fused)
+    mask_id = getattr(fused.config, "mask_token_id", None)
+    if mask_id is not None:
+        family.adapt(fused, int(mask_id), log=log)  # a2d: bidirectional + the config marker
     save_model_atomic(fused, tokenizer, out_dir)
     log(f"[dllm] fused adaptor {adaptor_dir} into {base_model}: {out_dir}")
     return out_dir

@@ -1,4 +1,7 @@
-"""Loading a model + tokenizer for training: family check, precision, 4-bit, mask token, LoRA."""
+"""Loading a model + tokenizer for training: family check, precision, 4-bit, mask token, LoRA.
+
+The family's Auto class loads the checkpoint (masked LMs, our LLaDA/Dream, causal LMs for a2d);
+``family.adapt`` then makes it the family's diffusion LM (a2d: bidirectional attention)."""
 from __future__ import annotations
 
 import os
@@ -89,10 +92,11 @@ def head_modules(model) -> list[str]:
 
 
 def load_for_training(cfg: TrainConfig, *, log=print, device_map=None) -> LoadedModel:
-    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    import transformers
+    from transformers import AutoTokenizer
 
     config = load_model_config(cfg.model_name, trust_remote_code=cfg.trust_remote_code)
-    family = check_family(config, cfg)
+    family = check_family(config, cfg).configured(cfg)
     dtype = resolve_dtype(cfg)
     if cfg.trust_remote_code:
         log("[dllm] warning: trust_remote_code is on: modeling code shipped with the checkpoint will run")
@@ -118,7 +122,7 @@ def load_for_training(cfg: TrainConfig, *, log=print, device_map=None) -> Loaded
         kwargs["dtype"] = dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    auto_cls = AutoModelForMaskedLM if family.name == "bert" else AutoModel
+    auto_cls = getattr(transformers, family.auto_class)
     try:
         model, info = auto_cls.from_pretrained(cfg.model_name, output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
@@ -134,6 +138,7 @@ def load_for_training(cfg: TrainConfig, *, log=print, device_map=None) -> Loaded
             f"({len(missing)} tensors: {', '.join(sorted(missing)[:4])}{', ...' if len(missing) > 4 else ''}); it is trained in full")
 
     mask_id = resolve_mask_token(model, tokenizer, log=log)
+    family.adapt(model, mask_id, log=log)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ModelError(f"the tokenizer of '{cfg.model_name}' has neither a pad nor an eos token")
@@ -144,7 +149,8 @@ def load_for_training(cfg: TrainConfig, *, log=print, device_map=None) -> Loaded
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
     if cfg.lora:
-        model = apply_lora(model, cfg, family, new_head_modules=head_names if new_head else [], log=log)
+        model = apply_lora(model, cfg, family, new_head_modules=head_names if new_head else [], log=log,
+                           mask_token_id=mask_id)
     return LoadedModel(model, tokenizer, family, mask_id, dtype, new_head)
 
 
@@ -160,7 +166,7 @@ def resolve_mask_token(model, tokenizer, *, log=print) -> int:
         log(f"[dllm] warning: the model config's mask_token_id {mid} is outside its {rows} embeddings; ignoring it")
     if tokenizer.mask_token_id is not None:
         if tokenizer.mask_token_id >= rows:
-            model.resize_token_embeddings(len(tokenizer))
+            resize_embeddings(model, len(tokenizer))
         model.config.mask_token_id = tokenizer.mask_token_id
         return tokenizer.mask_token_id
     try:
@@ -169,7 +175,7 @@ def resolve_mask_token(model, tokenizer, *, log=print) -> int:
         if new_id is None:
             raise ValueError("the tokenizer did not accept a new special token")
         if new_id >= model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
+            resize_embeddings(model, len(tokenizer))
     except Exception as e:  # noqa: BLE001 - any failure here means "cannot be extended"
         raise ModelError(
             f"the tokenizer has no mask token and cannot be extended with one ({type(e).__name__}: {e}); "
@@ -180,7 +186,26 @@ def resolve_mask_token(model, tokenizer, *, log=print) -> int:
     return new_id
 
 
-def apply_lora(model, cfg: TrainConfig, family: FamilyStrategy, *, new_head_modules=(), log=print):
+def resize_embeddings(model, rows: int) -> None:
+    """Grow the input/output embeddings to ``rows``; new rows = the mean of the old ones.
+
+    Deterministic on purpose (transformers' mean resizing samples them at random): fusing a LoRA
+    adaptor reloads the base and resizes it again, and must get the same rows as training had.
+    """
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+            w = emb.weight
+            if w.shape[0] > old:
+                w[old:] = w[:old].float().mean(0).to(w.dtype)
+            bias = getattr(emb, "bias", None)
+            if bias is not None and bias.shape[0] > old:
+                bias[old:] = bias[:old].float().mean().to(bias.dtype)
+
+
+def apply_lora(model, cfg: TrainConfig, family: FamilyStrategy, *, new_head_modules=(), log=print,
+               mask_token_id: int | None = None):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.load_in_4bit:
@@ -192,6 +217,8 @@ def apply_lora(model, cfg: TrainConfig, family: FamilyStrategy, *, new_head_modu
         target_modules=cfg.lora_target_list,
         bias="none",
         modules_to_save=list(new_head_modules) or None,
+        # a2d: the mask token is new to a causal LM, so its embedding row is trained (peft merges it back)
+        trainable_token_indices=[mask_token_id] if family.trains_mask_embedding and mask_token_id is not None else None,
     )
     try:
         model = get_peft_model(model, lora_cfg)
