@@ -107,6 +107,24 @@ def test_adapt_makes_every_listed_architecture_bidirectional(tmp_path, model_typ
     assert (later_token_effect(peft_model, ids) > 1e-5).all()
 
 
+def test_other_causal_lms_are_tried_and_refused_if_they_stay_causal():
+    from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
+
+    from dllm_trainer.families import BERT, family_of_model_type
+
+    assert "gpt2" not in A2D.model_types and family_of_model_type("gpt2") is A2D
+    assert family_of_model_type("roberta") is BERT and family_of_model_type("camembert") is None  # encoders
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    A2D.adapt(gpt2, 5, log=lambda *a: None)
+    assert (later_token_effect(gpt2, torch.randint(3, 400, (1, 8))) > 1e-5).all()
+    # a recurrent model has no attention to switch: refused with a clear message
+    assert family_of_model_type("mamba") is A2D
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=512, hidden_size=16, state_size=4, num_hidden_layers=1)).eval()
+    with pytest.raises(ModelError, match="still attends causally"):
+        A2D.adapt(mamba, 5, log=lambda *a: None)
+
+
 def test_padding_is_still_masked_and_eager_matches_sdpa():
     model = tiny_causal_lm("qwen2")
     A2D.adapt(model, 500, log=lambda *a: None)

@@ -39,6 +39,10 @@ class FamilyStrategy:
     trains_mask_embedding: bool = False  # LoRA also trains the mask token's embedding row (a new token)
 
     # ---- per-model variants and preparation (a2d overrides these) ------------------------------
+    def handles(self, model_type: str) -> bool:
+        """Whether checkpoints of this (lower-case) config ``model_type`` belong to the family."""
+        return model_type in self.model_types
+
     def configured(self, cfg) -> "FamilyStrategy":
         """The strategy a training run with config ``cfg`` uses (options of the method applied)."""
         return self
@@ -157,6 +161,19 @@ class A2DStrategy(FamilyStrategy):
     back from it (``for_config``). Responses are EOS-padded and the padding trained, as for LLaDA.
     """
 
+    def handles(self, model_type: str) -> bool:
+        # The listed types are tested; any other decoder transformers builds with
+        # AutoModelForCausalLM (and no masked-LM class: not an encoder) is tried, and
+        # check_bidirectional refuses it on load if it ignores config.is_causal.
+        if model_type in self.model_types:
+            return True
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        )
+
+        return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
     def configured(self, cfg) -> "FamilyStrategy":
         return dataclasses.replace(self, shift_logits=bool(cfg.a2d_shift_logits))
 
@@ -199,7 +216,8 @@ class A2DStrategy(FamilyStrategy):
 A2D = A2DStrategy(
     name="a2d",
     # Decoder-only causal LMs whose attention honours transformers' config.is_causal switch
-    # (checked on every load by models.a2d.check_bidirectional). SmolLM/SmolLM2 are Llama.
+    # (tested; checked on every load by models.a2d.check_bidirectional). SmolLM/SmolLM2 are
+    # Llama. Other causal LMs are tried too (``handles``) but not offered in the Train tab.
     model_types=("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "gpt_neox", "smollm3",
                  "phi3"),
     architectures=("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
@@ -220,8 +238,8 @@ FAMILIES: dict[str, FamilyStrategy] = {f.name: f for f in (BERT, LLADA, DREAM, A
 
 def family_of_model_type(model_type: str | None) -> FamilyStrategy | None:
     mt = (model_type or "").lower()
-    for fam in FAMILIES.values():
-        if mt in fam.model_types:
+    for fam in FAMILIES.values():  # in order: a2d's catch-all for causal LMs comes last
+        if fam.handles(mt):
             return fam
     return None
 
