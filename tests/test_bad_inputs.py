@@ -40,6 +40,9 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     gpt2 = root / "gpt2-model"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    t5 = root / "t5-model"  # an encoder-decoder: no family takes it
+    t5.mkdir()
+    (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}))
     no_mask = make_llada_dir(root / "no-mask")
     conf = json.loads((no_mask / "config.json").read_text())
     conf["mask_token_id"] = None  # explicitly none (absent would mean LLaDA's published default)
@@ -67,7 +70,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     broken_ckpt = root / "checkpoint-4"
     broken_ckpt.mkdir()
     (broken_ckpt / "trainer_state.json").write_text("{garbage")
-    return dict(root=root, llada=llada, empty_model=empty_model, no_weights=no_weights, corrupt=corrupt, gpt2=gpt2,
+    return dict(root=root, llada=llada, empty_model=empty_model, no_weights=no_weights, corrupt=corrupt, gpt2=gpt2, t5=t5,
                 no_mask=no_mask, far_mask=far_mask, model_file=model_file, empty_data=empty_data, odd=odd, long_prompts=long_prompts,
                 txt=txt, bad_json=bad_json, a_file=a_file, broken_ckpt=broken_ckpt)
 
@@ -132,7 +135,8 @@ CASES = [
     ({"train_device": "cuda", "gpu_ids": "1,1", "_gpus": 2}, ["gpu_ids lists GPU 1 more than once"], "gpu-ids-duplicate"),
     ({"training_method": "bert"}, ["training_method 'bert' does not fit model", "LLaDAModelLM", "use training_method 'llada'"], "method-does-not-fit-model"),
     ({"training_method": "dream"}, ["training_method 'dream' does not fit model", "use training_method 'llada'"], "dream-on-llada"),
-    ({"model_name": "@gpt2"}, ["GPT2LMHeadModel", "is not supported", "expects LLaDAModelLM"], "unsupported-architecture"),
+    ({"model_name": "@gpt2"}, ["GPT2LMHeadModel", "does not fit model", "use training_method 'a2d'"], "causal-lm-needs-a2d"),
+    ({"model_name": "@t5"}, ["T5ForConditionalGeneration", "is not supported", "expects LLaDAModelLM"], "unsupported-architecture"),
     ({"model_name": "@root/no-such-model"}, ["model '", "no-such-model' does not exist"], "model-missing"),
     ({"model_name": "@empty_model"}, ["model folder '", "empty-model' is empty"], "model-empty-folder"),
     ({"model_name": "@no_weights"}, ["model folder '", "no-weights' has no weights"], "model-without-weights"),
