@@ -25,13 +25,17 @@ becomes EOS (and later blocks are skipped once every row has one). Left-padded b
 ``attention_mask`` (1 = token); positions are renumbered so a padded row matches its unpadded
 run. Randomness (``random``, ``temperature > 0``, ``origin``, ``alg_temp``) uses ``seed=`` /
 ``generator=`` when given, else torch's global RNG.
+
+Live view / trace: ``callback=fn`` calls ``fn(StepEvent)`` after every step that reveals tokens
+(the canvas and the positions just revealed); the playground (`dllm-trainer playground`) uses it.
 """
-from .core import STRATEGIES, GenerateOptions, generate
+from .core import STRATEGIES, GenerateOptions, StepEvent, generate
 from .schedule import dream_num_transfer_tokens, dream_timesteps, llada_num_transfer_tokens
 
 __all__ = [
     "generate",
     "GenerateOptions",
+    "StepEvent",
     "STRATEGIES",
     "llada_num_transfer_tokens",
     "dream_timesteps",

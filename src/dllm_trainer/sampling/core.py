@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
@@ -62,6 +63,24 @@ class GenerateOptions:
     top_p: float | None = None  # Dream: nucleus filter
     top_k: int | None = None  # Dream: top-k filter
     stats: dict | None = None  # filled with {"nfe", "forward_tokens", ...} when given
+    callback: Callable[["StepEvent"], None] | None = None  # called after every step that reveals tokens
+
+
+@dataclass
+class StepEvent:
+    """What one denoising step did (``callback=`` option): for live views and traces.
+
+    ``x`` is the sampler's own canvas after the step (do not modify it; copy it to keep it),
+    ``revealed`` the positions this step decoded. Steps that reveal nothing run no forward and
+    send no event; the final output can still differ from the last canvas by the EOS fill
+    (``stop_at_eos``).
+    """
+
+    step: int  # 0-based count of events so far in this generate() call
+    block: int  # which block (0 = the first; prompt masks are decoded with it)
+    x: torch.Tensor  # [B, prompt_len + gen_length]
+    revealed: torch.Tensor  # [B, prompt_len + gen_length] bool
+    prompt_len: int
 
 
 def _options(family, options: dict) -> GenerateOptions:
@@ -213,6 +232,14 @@ def generate(
     eos_ids = _eos_ids(model, opts) if opts.stop_at_eos else []
     eos_t = torch.tensor(eos_ids, dtype=torch.long, device=device)
 
+    emit = None
+    if opts.callback is not None:
+        events = [0]
+
+        def emit(revealed: torch.Tensor, block: int) -> None:
+            opts.callback(StepEvent(events[0], block, x, revealed, prompt_len))
+            events[0] += 1
+
     was_training = model.training
     model.eval()
     try:
@@ -223,7 +250,7 @@ def generate(
             _decode_block(
                 x, valid, lo, block_end, steps_per_block, caller=caller, family=family,
                 strategy=strategy, temperature=float(temperature), mask_token_id=mask_token_id,
-                opts=opts, generator=generator,
+                opts=opts, generator=generator, emit=emit, block=b,
             )
             if eos_ids and gen_length > 0 and b < num_blocks - 1:
                 # every position before block_end is decoded: if each row already has an EOS in
@@ -250,9 +277,9 @@ def _fill_after_eos(x: torch.Tensor, prompt_len: int, eos_t: torch.Tensor) -> No
 
 
 def _decode_block(
-    x, valid, lo, hi, steps, *, caller, family, strategy, temperature, mask_token_id, opts, generator
+    x, valid, lo, hi, steps, *, caller, family, strategy, temperature, mask_token_id, opts, generator, emit=None, block=0
 ) -> None:
-    """Decode every mask in columns [lo, hi) of x, in place."""
+    """Decode every mask in columns [lo, hi) of x, in place; ``emit(revealed, block)`` after each step."""
     batch, total = x.shape
 
     def masked_now() -> torch.Tensor:
@@ -312,6 +339,10 @@ def _decode_block(
             u = torch.rand(m_cols.shape, device=x.device, generator=generator)
             reveal = m_cols & (u < p_transfer)
             x[:, cols] = torch.where(reveal, full_x0[:, cols], x[:, cols])
+            if emit is not None and bool(reveal.any()):
+                revealed = torch.zeros_like(x, dtype=torch.bool)
+                revealed[:, cols] = reveal
+                emit(revealed, block)
             continue
 
         full_score = torch.full((batch, total), -torch.inf, dtype=score.dtype, device=x.device)
@@ -340,3 +371,5 @@ def _decode_block(
                     transfer[r, torch.topk(full_score[r], int(k[r])).indices] = True
         transfer &= (x == mask_token_id) & valid
         x[transfer] = full_x0[transfer]
+        if emit is not None:
+            emit(transfer, block)
