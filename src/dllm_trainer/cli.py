@@ -3,6 +3,8 @@
     dllm-trainer train --config job.json [--set key=value ...]   run a training job (no app needed)
     dllm-trainer generate --model PATH --prompt TEXT              sample from a model
     dllm-trainer chat --model PATH                                interactive chat (:complete N, :mask R)
+    dllm-trainer playground --model PATH                          web page: chat/infill, watch it denoise
+    dllm-trainer eval --model PATH --tasks T[,T...]               lm-evaluation-harness tasks (ELBO + samplers)
     dllm-trainer demo                                             the bundled CPU demo
     dllm-trainer manifest                                         print the plugin's form parameters
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("train", "generate", "chat", "demo", "manifest")
+COMMANDS = ("train", "generate", "chat", "playground", "eval", "demo", "manifest")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +29,14 @@ def main(argv: list[str] | None = None) -> int:
         from .sampling.chat import main as chat_main
 
         return chat_main([cmd, *rest])
+    if cmd == "playground":
+        from .sampling.playground import main as playground_main
+
+        return playground_main(rest)
+    if cmd == "eval":
+        from .evaluation.lm_eval_model import main as eval_main
+
+        return eval_main(rest)
     if cmd == "demo":
         from .demo import main as demo_main
 
