@@ -195,7 +195,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
     Trailing whitespace of the context moves to the continuation; the continuation ids are the
     tail of the tokenised concatenation (so merges across the boundary stay consistent).
-    A BOS (or CLS for BERT) starts the context when the tokenizer has one.
+    A BOS (or CLS for BERT) starts the context when the tokenizer has one and the context does not
+    already begin with it.
     """
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
@@ -204,6 +205,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     prefix = _prefix_ids(tokenizer)
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
+    if prefix and list(ctx[:1]) == prefix:  # e.g. a chat template that writes the BOS itself
+        prefix = []
     return prefix + list(ctx), list(whole[len(ctx):])
 
 
@@ -234,14 +237,18 @@ def loglikelihood(
             model, ctx, cont, mc_num=mc_num, batch_size=batch_size, seed=seed,
             cfg_scale=cfg_scale, mask_token_id=mask_id,
         )
-        greedy = False
-        if check_greedy:
-            from ..sampling import generate
-
-            out = generate(
-                model, torch.tensor([ctx]), gen_length=len(cont), steps=len(cont),
-                temperature=0.0, mask_token_id=mask_id,
-            )
-            greedy = out[0, len(ctx):].tolist() == cont
+        greedy = suffix_is_greedy(model, ctx, cont, mask_token_id=mask_id) if check_greedy else False
         results.append((res.log_likelihood, greedy))
     return results
+
+
+def suffix_is_greedy(model, ctx: Sequence[int], cont: Sequence[int], *, mask_token_id: int | None = None) -> bool:
+    """Whether greedy decoding of ``cont`` (all of it masked after ``ctx``, one token per step,
+    the family's default confidence strategy) reproduces it exactly (lm-eval's ``is_greedy``)."""
+    from ..sampling import generate
+
+    out = generate(
+        model, torch.tensor([list(ctx)]), gen_length=len(cont), steps=len(cont),
+        temperature=0.0, mask_token_id=mask_token_id,
+    )
+    return out[0, len(ctx):].tolist() == list(cont)
