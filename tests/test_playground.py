@@ -323,7 +323,7 @@ def test_playground_page_in_headless_chromium(tmp_path, llada_tiny):
         _wait_for_server(proc, url, log_path)
         assert "this machine only" in log_path.read_text()
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-dev-shm-usage"])
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
             page.goto(url, wait_until="domcontentloaded")
             page.wait_for_selector("#dl-input textarea", timeout=120_000)

@@ -9,7 +9,9 @@
 - ``generate_until(context, {until, max_gen_toks})``: ``sampling.generate`` with any strategy,
   threshold (Fast-dLLM parallel decoding) and cache; the text stops at the first EOS and is cut
   at the first occurrence of any ``until`` string. ``gen_length`` defaults to the task's
-  ``max_gen_toks``; ``steps`` and ``block_length`` to ``gen_length``. ``batch_size > 1``
+  ``max_gen_toks``; ``steps`` and ``block_length`` to ``gen_length``; the sampler settings are
+  ours (a task's ``temperature`` / ``do_sample`` are not used, as in LLaDA's and Dream's
+  harness models). ``batch_size > 1``
   decodes left-padded batches (positions renumbered, so rows match their unpadded runs up to
   float rounding).
 - ``loglikelihood_rolling(text)``: the sum of ELBO bounds over lm-eval's rolling windows of
