@@ -2,7 +2,7 @@
 
 - generate(callback=...) reports every step without changing the output (all families);
 - Playground.run (the page's sampler plumbing, no browser) gives generate's output for chat, raw
-  and infill requests on LLaDA, LLaDA-MoE, Dream and BERT, with a consistent step trace;
+  and infill requests on LLaDA, LLaDA-MoE, Dream, a2d and BERT, with a consistent step trace;
 - the page itself, served by the real command and driven in headless Chromium (Playwright with
   the system's chromium): a prompt is sent, the denoising steps render live and replay with the
   slider, and the final text equals generate's (and `dllm-trainer generate`'s) output. A
@@ -41,10 +41,23 @@ pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, llada_tiny, llada_moe_tiny, dream_tiny, minilm):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from dllm_trainer.models.a2d import make_diffusion_lm
+
     root = tmp_path_factory.mktemp("playground-models")
     dirs = {"bert": minilm}
     for name, src in (("llada", llada_tiny), ("llada-moe", llada_moe_tiny), ("dream", dream_tiny)):
         dirs[name] = copy_with_tokenizer(src, root / name, make_tiny_tokenizer())
+    # an a2d model: a tiny random Qwen2 switched to bidirectional attention, as an a2d run saves it
+    torch.manual_seed(0)
+    qwen = AutoModelForCausalLM.from_config(Qwen2Config(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=2))
+    make_diffusion_lm(qwen, 500, shift_logits=True)
+    qwen.save_pretrained(root / "a2d")
+    make_tiny_tokenizer().save_pretrained(root / "a2d")
+    dirs["a2d"] = root / "a2d"
     return dirs
 
 
@@ -106,6 +119,7 @@ CASES = [
     ("dream", "chat", "hi", dict(gen_length=8, steps=8, block_length=8, strategy="entropy", threshold=0.01,
                                  cache="prefix")),
     ("dream", "raw / infill", "ab<|mdm_mask|>cd<|mdm_mask|><|mdm_mask|>", dict(steps=8)),
+    ("a2d", "chat", "hi", dict(gen_length=8, steps=4, block_length=4)),
     ("bert", "raw / infill", "the capital of france is", dict(gen_length=6, steps=6, block_length=3)),
     ("bert", "raw / infill", "the [MASK] of france is [MASK].", dict(steps=2)),
 ]
@@ -383,7 +397,7 @@ def test_playground_page_in_headless_chromium(tmp_path, llada_tiny):
 
 def test_gradio_and_lm_eval_are_imported_only_when_used():
     code = ("import sys, dllm_trainer.cli, dllm_trainer.sampling.playground\n"
-            "print('gradio' in sys.modules)")
+            "print('gradio' in sys.modules, 'lm_eval' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["False"]
+    assert proc.stdout.split() == ["False", "False"]
