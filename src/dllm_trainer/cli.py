@@ -4,7 +4,7 @@
     dllm-trainer generate --model PATH --prompt TEXT              sample from a model
     dllm-trainer chat --model PATH                                interactive chat (:complete N, :mask R)
     dllm-trainer demo                                             the bundled CPU demo
-    dllm-trainer manifest                                         print the plugin's form parameters
+    dllm-trainer manifest [--manifest index.json] [--task-yaml task.yaml]   the app forms, from config.py
 """
 from __future__ import annotations
 
