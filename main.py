@@ -1,8 +1,9 @@
-"""Diffusion LLM Trainer: the plugin's entry point.
+"""Diffusion LLM Trainer: the entry point inside Transformer Lab and standalone.
 
-Transformer Lab's plugin harness puts this folder on sys.path, imports this module and calls
+Transformer Lab v0.30.x's plugin harness puts this folder on sys.path, imports this module and calls
 `main()`; the harness's own arguments (--plugin_dir, --input_file, --experiment_name, ...) are in
-sys.argv. Standalone:
+sys.argv. The current Transformer Lab runs `python main.py` as a task (task.yaml), the job named in
+the environment. Standalone:
 
     python main.py --config job.json [--set key=value ...]
 

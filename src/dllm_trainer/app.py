@@ -1,8 +1,10 @@
 """One training job from start to finish, standalone or inside Transformer Lab.
 
-    main(argv)            parses the harness arguments (--input_file ... --experiment_name ...) or a
-                          standalone `--config FILE.json [--set key=value ...]`, builds the reporter
-                          and the config, and calls run_job. Returns the exit code.
+    main(argv)            tells the host from how it was started: the v0.30.x plugin harness's
+                          arguments (--input_file ... --experiment_name ...), a standalone
+                          `--config FILE.json [--set key=value ...]`, or neither inside a current
+                          Transformer Lab task (its job in the environment, hosts/tlab_task.py);
+                          builds the reporter and the config, and calls run_job. Returns the exit code.
     run_job(cfg, rep)     resolves the model/dataset names, checks that nothing will be overwritten,
                           writes the validated config to <output_dir>/dllm_config.json, launches the
                           accelerate workers (launcher.py), streams their output, polls for a stop
@@ -10,8 +12,9 @@
                           fine-tune), writes the model card + metadata, and registers the model.
 
 Reporters (hosts/): `standalone.StandaloneReporter` (prints; the final model goes to
-<output_dir>/models/<name>/) and `tlab_plugin.TransformerLabReporter` (a Transformer Lab v0.30.x
-plugin job: progress, status, Foundation tab).
+<output_dir>/models/<name>/), `tlab_plugin.TransformerLabReporter` (a Transformer Lab v0.30.x
+plugin job: progress, status, Foundation tab) and `tlab_task.TaskReporter` (a task of the current
+Transformer Lab: progress, metrics charts, checkpoints, the model saved with the job).
 
 Errors: a UserError anywhere (bad config value, a dataset the workers cannot read, ...) ends the
 job with one clear line `[dllm-error] ...`, a non-zero exit code and, in Transformer Lab, status
@@ -251,7 +254,7 @@ def _run_job(cfg: TrainConfig, reporter, *, gpu_count, poll_interval, log) -> in
     res = run_workers(
         plan,
         output_dir=cfg.output_dir,
-        env=worker_env(plan.env, wandb_env),
+        env=worker_env(plan.env, {**wandb_env, **_host_worker_env(reporter)}),
         on_progress=on_progress,
         on_metrics=reporter.metrics,
         on_checkpoint=reporter.checkpoint,
@@ -304,6 +307,14 @@ def _run_job(cfg: TrainConfig, reporter, *, gpu_count, poll_interval, log) -> in
     summary = f"trained {steps} steps" + (f", final loss {loss:.4g}" if isinstance(loss, float) else "")
     reporter.complete(f"{summary}; model '{model_id}' saved to {final}", metrics)
     return 0
+
+
+def _host_worker_env(reporter) -> dict[str, str]:
+    """A host that stops jobs by signalling every process (not through us) gets workers that save
+    a checkpoint on that signal (callbacks.py)."""
+    from .training.callbacks import STOP_ON_SIGTERM_ENV
+
+    return {STOP_ON_SIGTERM_ENV: "1"} if getattr(reporter, "stops_with_signal", False) else {}
 
 
 def _resume_request(cfg: TrainConfig, reporter, log) -> TrainConfig:
@@ -398,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
             return _main_tlab(args)
         if args.config:
             return _main_standalone(args)
+        from .hosts.tlab_task import launched_as_task
+
+        if launched_as_task():
+            return _main_task(args)
         print("[dllm-error] give --config FILE.json (standalone) or --input_file FILE (Transformer Lab); "
               "see --help", file=sys.stderr, flush=True)
         return 2
@@ -438,6 +453,32 @@ def _main_tlab(args) -> int:
 
     known = set(TrainConfig.__dataclass_fields__)
     ignored = sorted(k for k in config if k not in known and k not in APP_KEYS)
+    return _run_hosted(reporter, config, overrides, ignored)
+
+
+def _main_task(args) -> int:
+    """A task job of the current Transformer Lab (v0.34+): the job's parameters come from the SDK."""
+    from .hosts import tlab_task
+
+    tlab_task.install_stop_signal()  # the app stops a task with SIGTERM: a stop request, not a crash
+    try:
+        overrides = _overrides(args.set)
+        reporter = tlab_task.TaskReporter()
+    except UserError as e:
+        return report_user_error(e)
+    except Exception as e:  # noqa: BLE001 - the SDK failed: nothing to report to
+        return report_unexpected_error(e, None)
+    try:
+        config, ignored = reporter.job_config()
+    except Exception as e:  # noqa: BLE001
+        code = report_unexpected_error(e, None)
+        _quietly(reporter.fail, f"unexpected {type(e).__name__} reading the job's parameters: {e}")
+        return code
+    return _run_hosted(reporter, config, overrides, ignored)
+
+
+def _run_hosted(reporter, config: dict, overrides: dict, ignored: list[str]) -> int:
+    """Validate an app job's config (a bad value fails the job with one clear reason), then run it."""
     if ignored:
         print(f"[dllm] note: ignoring config keys this trainer does not use: {', '.join(ignored)}", flush=True)
     try:

@@ -6,7 +6,7 @@
     dllm-trainer playground --model PATH                          web page: chat/infill, watch it denoise
     dllm-trainer eval --model PATH --tasks T[,T...]               lm-evaluation-harness tasks (ELBO + samplers)
     dllm-trainer demo                                             the bundled CPU demo
-    dllm-trainer manifest                                         print the plugin's form parameters
+    dllm-trainer manifest [--manifest index.json] [--task-yaml task.yaml]   the app forms, from config.py
 """
 from __future__ import annotations
 

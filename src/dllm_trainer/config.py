@@ -6,8 +6,9 @@ returns a frozen dataclass or raises `ConfigError` with one message naming the f
 allowed.
 
 Each form field's title, help text and JSON-schema constraints live next to its type below; the
-plugin manifest (index.json) is generated from them (`python -m dllm_trainer.config --manifest`),
-and a test checks that the committed manifest and this module agree.
+plugin manifest (index.json) and the task's form (task.yaml `parameters`) are generated from them
+(`dllm-trainer manifest --manifest index.json --task-yaml task.yaml`), and tests check that the
+committed files and this module agree.
 """
 from __future__ import annotations
 
@@ -373,9 +374,10 @@ def model_architectures() -> list[str]:
 def _main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(description="Print or write the manifest's parameters (from the config fields) "
+    ap = argparse.ArgumentParser(description="Print or write the app forms' parameters (from the config fields) "
                                              "and model architectures (from the families).")
-    ap.add_argument("--manifest", metavar="INDEX_JSON", help="update the parameters of this index.json in place")
+    ap.add_argument("--manifest", metavar="INDEX_JSON", help="update the parameters of this index.json (v0.30.x plugin) in place")
+    ap.add_argument("--task-yaml", metavar="TASK_YAML", help="write the parameters of this task.yaml (current Transformer Lab task)")
     args = ap.parse_args(argv)
     params, ui = manifest_parameters()
     if args.manifest:
@@ -386,7 +388,11 @@ def _main(argv: list[str] | None = None) -> int:
         with open(args.manifest, "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2)
             fh.write("\n")
-    else:
+    if args.task_yaml:
+        from .hosts.tlab_task import write_task_yaml
+
+        write_task_yaml(args.task_yaml)
+    if not (args.manifest or args.task_yaml):
         print(json.dumps({"parameters": params, "parameters_ui": ui}, indent=2))
     return 0
 

@@ -6,18 +6,32 @@ the Transformer Lab SDK never has to be imported inside a worker:
 - progress and metrics are printed as one-line JSON events (`[dllm-event] {...}`), which the
   launcher parses from the stream (and a human reads in the live log);
 - a stop request is a file, `<output_dir>/STOP`, that the launcher writes; every worker checks it
-  at each step, so all ranks stop at the same step and save one checkpoint.
+  at each step, so all ranks stop at the same step and save one checkpoint. Under a host that stops
+  jobs by sending SIGTERM to every process (the current Transformer Lab), the launcher sets
+  STOP_ON_SIGTERM_ENV and that signal is a stop request too.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
+import threading
 
 from transformers import TrainerCallback
 
 EVENT_PREFIX = "[dllm-event] "
 STOP_FILE = "STOP"
+STOP_ON_SIGTERM_ENV = "DLLM_STOP_ON_SIGTERM"
+_signalled = threading.Event()
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM becomes a stop request (checked at the next step end) instead of ending the worker."""
+    try:
+        signal.signal(signal.SIGTERM, lambda signum, frame: _signalled.set())
+    except ValueError:  # not the main thread (e.g. TPU processes): the STOP file still works
+        pass
 
 
 def emit_event(kind: str, **payload) -> None:
@@ -66,7 +80,7 @@ class StopFileCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         # Every rank must stop at the same step (a rank that runs one more step would wait forever
         # in its collectives): the file check is OR-reduced over all ranks.
-        if _any_rank(os.path.exists(self.path), args):
+        if _any_rank(os.path.exists(self.path) or _signalled.is_set(), args):
             self.stopped = True
             control.should_training_stop = True
             control.should_save = True

@@ -619,7 +619,13 @@ def run_workers(
             if proc.poll() is not None:
                 if exited_at is None:
                     exited_at = now
-                    if proc.returncode != 0:
+                    if proc.returncode != 0 and stop_at is None and safe(should_stop, default=False):
+                        # the host signalled every process to stop (launcher included): the workers
+                        # are saving their checkpoint; they get exit_grace to finish
+                        stop_at = now
+                        res.stop_requested = True
+                        print("[dllm] stop requested: the workers save a checkpoint and stop", file=out, flush=True)
+                    if proc.returncode != 0 and stop_at is None:
                         # A failed launcher must not leave workers behind (they may hold the pipes open).
                         tree.terminate(grace=5.0)
                 if open_streams <= 0:

@@ -279,6 +279,10 @@ def worker_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config-json", required=True, help="the validated job config as JSON")
     args = ap.parse_args(argv)
     from ..errors import report_unexpected_error, report_user_error
+    from .callbacks import STOP_ON_SIGTERM_ENV, stop_on_sigterm
+
+    if os.environ.get(STOP_ON_SIGTERM_ENV) == "1":
+        stop_on_sigterm()
 
     cfg = None
     try:
