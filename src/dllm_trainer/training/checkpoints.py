@@ -43,6 +43,14 @@ TRAINER_STATE = "trainer_state.json"
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json")
 RESUME_FILES = ("optimizer.pt", "scheduler.pt")  # without these a resume is not exact
+# Sharded runs write their resume state in their own layout (distributed.py):
+#   FSDP, SHARDED_STATE_DICT: pytorch_model_fsdp_0/ and optimizer_0/ (torch.distributed.checkpoint folders,
+#                             one shard file per process plus .metadata); FULL_STATE_DICT: pytorch_model_fsdp.bin
+#                             and optimizer.bin (gathered);
+#   DeepSpeed: global_step<N>/ (model and optimizer shards of every rank) named by the file `latest`.
+FSDP_WEIGHTS = ("pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")
+OPTIMIZER_STATES = ("optimizer.pt", "optimizer.bin", "optimizer_0")
+DCP_METADATA = ".metadata"
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
                 "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
@@ -138,8 +146,14 @@ def checkpoint_problems(path: str, *, need_optimizer: bool = True) -> list[str]:
             problems.append(f"{TRAINER_STATE} is not valid JSON")
 
     files = set(os.listdir(path))
-    if not any(w in files for w in WEIGHT_FILES):
+    deepspeed_tag = _deepspeed_tag(path, files)
+    if not any(w in files for w in WEIGHT_FILES + FSDP_WEIGHTS) and not deepspeed_tag:
         problems.append("no model weights (model.safetensors / adapter_model.safetensors)")
+    for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
+        if folder in files and not os.path.isfile(os.path.join(path, folder, DCP_METADATA)):
+            problems.append(f"{folder}/ has no {DCP_METADATA} (an unfinished sharded save)")
+    if "latest" in files and not deepspeed_tag:
+        problems.append("the DeepSpeed folder named by 'latest' is missing")
     for index_name in ("model.safetensors.index.json",):
         if index_name in files:
             try:
@@ -181,8 +195,38 @@ def checkpoint_problems(path: str, *, need_optimizer: bool = True) -> list[str]:
                 problems.append(f"{name} has {os.path.getsize(p)} bytes, {size} were written")
 
     if need_optimizer:
-        problems += [f"no {f} (needed to resume the optimizer exactly)" for f in RESUME_FILES if f not in files]
+        if not deepspeed_tag:  # DeepSpeed keeps optimizer and scheduler inside global_step<N>/
+            if not any(f in files for f in OPTIMIZER_STATES):
+                problems.append("no optimizer.pt (needed to resume the optimizer exactly)")
+            if "scheduler.pt" not in files:
+                problems.append("no scheduler.pt (needed to resume the optimizer exactly)")
     return list(dict.fromkeys(problems))
+
+
+def _deepspeed_tag(path: str, files: set[str]) -> str | None:
+    """The global_step<N> folder a DeepSpeed checkpoint's `latest` file names, when it exists."""
+    if "latest" not in files:
+        return None
+    try:
+        with open(os.path.join(path, "latest"), encoding="utf-8") as fh:
+            tag = fh.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return tag if tag and tag in files and os.path.isdir(os.path.join(path, tag)) else None
+
+
+def sharded_checkpoint_kind(path: str) -> str | None:
+    """'fsdp' / 'deepspeed' when checkpoint `path` holds a sharded run's resume state, else None.
+    Such a checkpoint resumes only under the same kind of accelerate config (distributed.py)."""
+    try:
+        files = set(os.listdir(path))
+    except OSError:
+        return None
+    if any(f in files for f in FSDP_WEIGHTS):
+        return "fsdp"
+    if _deepspeed_tag(path, files):
+        return "deepspeed"
+    return None
 
 
 def is_valid_checkpoint(path: str) -> bool:
@@ -346,7 +390,8 @@ def _weights_finite(model) -> bool:
     import torch
 
     for p in model.parameters():
-        if p.requires_grad and p.numel() and not bool(torch.isfinite(p.detach()).all()):
+        local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2 DTensor: this process's shard
+        if p.requires_grad and local.numel() and not bool(torch.isfinite(local.detach()).all()):
             return False
     return True
 

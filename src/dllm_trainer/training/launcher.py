@@ -65,6 +65,7 @@ class LaunchPlan:
     num_processes: int  # processes on this machine
     world_size: int  # processes over all machines
     description: str  # one line for the log
+    layout: "Layout | None" = None  # the accelerate config's sharding (distributed.py), None without one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +135,17 @@ def build_launch(
     args: list[str] = []
     env: dict[str, str | None] = {}
     ids = parse_gpu_ids(cfg.gpu_ids)
+    layout = None
+    if config_file:  # FSDP / DeepSpeed: what cannot work fails here (distributed.py)
+        from .distributed import check_layout, read_layout
+
+        layout = read_layout(config_file)
+        check_layout(layout, train_device=cfg.train_device, load_in_4bit=cfg.load_in_4bit,
+                     gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.resume_from_checkpoint.strip():
+        from .distributed import check_resume_layout
+
+        check_resume_layout(cfg.resume_from_checkpoint, layout)
 
     if cfg.load_in_4bit and cfg.train_device != "cuda":
         raise ConfigError(f"load_in_4bit needs train_device 'cuda' (bitsandbytes 4-bit runs on CUDA GPUs), got '{cfg.train_device}'")
@@ -162,7 +174,17 @@ def build_launch(
         if config_file and not explicit_ids:
             # The accelerate config decides processes and GPUs (FSDP / DeepSpeed layouts).
             args += ["--config_file", config_file, "--num_machines", str(machines)]
-            desc = f"CUDA via accelerate config {config_file}"
+            if layout.num_processes:  # accelerate starts the config's process count (over all machines)
+                world = layout.num_processes
+                per_machine = max(1, world // machines)
+                if per_machine > visible:
+                    raise ConfigError(
+                        f"accelerate_config_file '{cfg.accelerate_config_file}' starts {per_machine} processes per "
+                        f"machine (num_processes {world} over {machines} machine{'s' if machines != 1 else ''}) but "
+                        f"only {visible} GPU{'s are' if visible != 1 else ' is'} visible; lower num_processes in the "
+                        "file or set gpu_ids"
+                    )
+            desc = f"CUDA via accelerate config {config_file} ({layout.name})"
         else:
             if config_file:
                 args += ["--config_file", config_file]
@@ -177,6 +199,11 @@ def build_launch(
         world = per_machine * machines
         if world == 1:
             args += ["--cpu", "--num_processes", "1", "--num_machines", "1"]
+        elif layout is not None and layout.kind == "fsdp":
+            # The config's FSDP settings pick accelerate's launcher (--multi_gpu would drop them);
+            # the workers run FSDP over gloo (distributed.enable_fsdp_on_cpu).
+            args += ["--num_processes", str(world), "--num_machines", str(machines)]
+            env["CUDA_VISIBLE_DEVICES"] = ""
         else:
             # torchrun path with CUDA hidden: MULTI_CPU / gloo in the workers (see module docstring)
             args += ["--multi_gpu", "--num_processes", str(world), "--num_machines", str(machines)]
@@ -191,6 +218,8 @@ def build_launch(
         if config_file:
             args = ["--config_file", config_file] + args
         desc = f"{per_machine} CPU process{'es' if per_machine != 1 else ''}"
+        if layout is not None and layout.kind == "fsdp" and world > 1:
+            desc += f" with {layout.name}"
     elif cfg.train_device == "tpu":
         if tpu_available is None:
             import importlib.util
@@ -217,12 +246,16 @@ def build_launch(
         desc += f" on machine {cfg.machine_rank} of {machines} (rank 0 at {cfg.main_process_ip.strip()}:{cfg.main_process_port})"
     elif world > 1:
         args += ["--main_process_port", str(cfg.main_process_port)]
+    if layout is not None:
+        from .distributed import launch_overrides
+
+        args += launch_overrides(layout)
     if not config_file and cfg.train_device != "tpu":
         # Precision is set by the Trainer (bf16/fp16 arguments); these only silence accelerate's defaults warning.
         args += ["--mixed_precision", "no", "--dynamo_backend", "no"]
 
     argv = [python, "-m", LAUNCH_MODULE, *args, "-m", WORKER_MODULE, "--config-json", config_json]
-    return LaunchPlan(argv=argv, env=env, num_processes=per_machine, world_size=world, description=desc)
+    return LaunchPlan(argv=argv, env=env, num_processes=per_machine, world_size=world, description=desc, layout=layout)
 
 
 def worker_env(plan_env: dict[str, str | None], extra: dict[str, str] | None = None) -> dict[str, str]:

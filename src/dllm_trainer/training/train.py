@@ -89,6 +89,9 @@ def build_training_args(cfg: TrainConfig, dtype, *, has_eval: bool):
     from .packing import packing_active
 
     on_cpu = cfg.train_device == "cpu" or not torch.cuda.is_available()
+    # Mixed precision follows our dtype, not the accelerate config's `mixed_precision` (which
+    # accelerate launch exports and TrainingArguments would read when bf16/fp16 are off).
+    os.environ["ACCELERATE_MIXED_PRECISION"] = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     report_to = ["tensorboard"] + (["wandb"] if cfg.log_to_wandb else [])
     eval_strategy = cfg.eval_strategy if has_eval else "no"
     kwargs = dict(
@@ -164,6 +167,10 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
         torch.set_num_threads(default_cpu_threads())
         if _is_main_worker():
             log(f"[dllm] CPU training with {torch.get_num_threads()} thread(s) per worker (DLLM_CPU_THREADS overrides)")
+    from .distributed import fsdp_requested, start_process_group
+
+    if fsdp_requested():  # before loading: with fsdp_cpu_ram_efficient_loading only rank 0 reads the weights
+        start_process_group(cfg)
     loaded = load_for_training(cfg, log=log)
     family, tokenizer = loaded.family, loaded.tokenizer
     prepared = build_datasets(
@@ -254,15 +261,16 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
         log(f"[dllm] stop requested: stopped at step {trainer.state.global_step}; the checkpoint is kept in {cfg.output_dir}")
     else:
         from .checkpoints import disk_errors
+        from .distributed import save_full_model  # gathered from the shards under FSDP / ZeRO-3
 
         if cfg.lora:
             result.adaptor_dir = adaptor_dir_for(cfg)
             with disk_errors("the LoRA adaptor", result.adaptor_dir, cfg.output_dir):
-                trainer.save_model(result.adaptor_dir)
+                save_full_model(trainer, result.adaptor_dir)
         else:
             result.final_model_dir = final_model_dir_for(cfg)
             with disk_errors("the final model", result.final_model_dir, cfg.output_dir):
-                trainer.save_model(result.final_model_dir)
+                save_full_model(trainer, result.final_model_dir)
     if trainer.is_world_process_zero():
         with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as fh:
             json.dump(metrics, fh, indent=2)

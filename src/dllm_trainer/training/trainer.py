@@ -233,6 +233,10 @@ class MDLMTrainer(Trainer):
         """HF's checkpoint, written to a staging folder and renamed into place (checkpoints.py)."""
         from .checkpoints import AtomicCheckpointWriter
 
+        if self.is_fsdp_enabled:  # after an evaluation or samples: save from the sharded parameters
+            from .distributed import reshard_fsdp
+
+            reshard_fsdp(self.model)
         writer = AtomicCheckpointWriter(self, super()._get_output_dir(trial))
         writer.save(model, lambda: Trainer._save_checkpoint(self, model, trial))
 
