@@ -240,6 +240,9 @@ def _run_job(cfg: TrainConfig, reporter, *, gpu_count, poll_interval, log) -> in
                                else CONFIG_FILE_NAME.replace(".json", f".machine{cfg.machine_rank}.json"))
     plan = build_launch(cfg, config_path, gpu_count=gpu_count)  # hardware errors before anything starts
     _write_json_atomic(config_path, cfg.to_dict())
+    from .training.memory_plan import check_job
+
+    check_job(cfg, plan, config_path, log=log)  # GPU jobs: peak memory table; refuses what cannot fit
     wandb_env, warning = wandb_environment(cfg, reporter.secret, run_name=f"{model_id}")
     if warning:
         log(warning)

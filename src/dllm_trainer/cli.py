@@ -7,12 +7,13 @@
     dllm-trainer eval --model PATH --tasks T[,T...]               lm-evaluation-harness tasks (ELBO + samplers)
     dllm-trainer demo                                             the bundled CPU demo
     dllm-trainer manifest [--manifest index.json] [--task-yaml task.yaml]   the app forms, from config.py
+    dllm-trainer memory-plan --config job.json [--gpus N]          estimated peak GPU memory of a job (--readme: 8B table)
 """
 from __future__ import annotations
 
 import sys
 
-COMMANDS = ("train", "generate", "chat", "playground", "eval", "demo", "manifest")
+COMMANDS = ("train", "generate", "chat", "playground", "eval", "demo", "manifest", "memory-plan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(rest)
+    if cmd == "memory-plan":
+        from .training.memory_plan import main as plan_main
+
+        return plan_main(rest)
     if cmd == "manifest":
         from .config import _main as manifest_main
 

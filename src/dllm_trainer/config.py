@@ -65,7 +65,8 @@ class TrainConfig:
     machine_rank: int = _f(0, "Machine rank", "Multi-node: rank of this machine (0 is the main one).", minimum=0, maximum=1023)
     main_process_ip: str = _f("", "Main process IP", "Multi-node: address of the rank-0 machine.")
     main_process_port: int = _f(29500, "Main process port", "Multi-node / multi-process rendezvous port.", minimum=1, maximum=65535)
-    accelerate_config_file: str = _f("", "Accelerate config file", "Optional accelerate config (FSDP, DeepSpeed ZeRO); its settings are passed to accelerate launch.")
+    accelerate_config_file: str = _f("", "Accelerate config file", "Optional accelerate config (FSDP, DeepSpeed ZeRO); its settings are passed to accelerate launch. Examples: configs/accelerate/{ddp,fsdp,zero2,zero3}.yaml.")
+    memory_check: str = _f("refuse", "Memory check", "Before launch on GPUs, estimate the peak memory per GPU and print it. refuse: stop a run that cannot fit (naming settings that would); warn: only warn; off: skip the estimate.", enum=["refuse", "warn", "off"])
 
     # ---- batch and sequence ------------------------------------------------------------------
     batch_size: int = _f(4, "Batch size", "Per-device micro-batch size.", minimum=1, maximum=4096)
