@@ -275,6 +275,10 @@ def estimate(shape: ModelShape, spec: RunSpec) -> MemoryPlan:
 
 
 def _intermediate(config, linears: list[tuple[str, int, int]], hidden: int) -> int:
+    """The MLP width a token's activations go through (MoE: its top-k experts together)."""
+    experts, topk = getattr(config, "expert_intermediate_size", None), getattr(config, "num_experts_per_tok", None)
+    if isinstance(experts, int) and isinstance(topk, int) and experts > 0 and topk > 0:
+        return experts * topk  # approximate: routing keeps per-expert copies and gate scores too
     for key in ("intermediate_size", "effective_mlp_hidden_size", "mlp_hidden_size"):
         v = getattr(config, key, None)
         if isinstance(v, int) and v > 0:
@@ -291,12 +295,13 @@ def _is_target(name: str, targets) -> bool:
 def model_shape(config, *, family: str, lora_r: int = 0, lora_targets="all-linear") -> ModelShape:
     """Build the model on the meta device and measure it. `config` is a transformers config."""
     import torch
+    import transformers
     from torch import nn
-    from transformers import AutoModel, AutoModelForMaskedLM
 
     from .. import models  # noqa: F401 - registers LLaDA and Dream
+    from ..families import FAMILIES
 
-    auto_cls = AutoModelForMaskedLM if family == "bert" else AutoModel
+    auto_cls = getattr(transformers, FAMILIES[family].auto_class)  # the class training loads
     with torch.device("meta"):
         model = auto_cls.from_config(config)
     head = model.get_output_embeddings()
