@@ -18,6 +18,26 @@ from .llada import LLADA2_MOE_ERROR, LLaDA2MoeConfig, LLaDAConfig, LLaDAModelLM
 from .llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM
 from .output_head import DiffusionLMOutput
 
+# Our model files double as remote code. For a saved model whose base ships no code of its own,
+# export.py copies the files named here for its architecture, plus REMOTE_CODE_SHARED_FILES, beside
+# the weights and points auto_map at them. They import only torch, transformers and each other
+# (llada.py hands LLaDA-MoE configs to llada_moe.py, so that one travels with it), and work with
+# transformers 4.57 and 5.x.
+REMOTE_CODE = {
+    "LLaDAModelLM": (
+        {"AutoConfig": "llada.LLaDAConfig", "AutoModel": "llada.LLaDAModelLM",
+         "AutoModelForCausalLM": "llada.LLaDAModelLM"},
+        ("llada.py", "llada_moe.py"),
+    ),
+    "LLaDAMoEModelLM": (
+        {"AutoConfig": "llada_moe.LLaDAMoEConfig", "AutoModel": "llada_moe.LLaDAMoEModelLM",
+         "AutoModelForCausalLM": "llada_moe.LLaDAMoEModelLM"},
+        ("llada_moe.py",),
+    ),
+    "DreamModel": ({"AutoConfig": "dream.DreamConfig", "AutoModel": "dream.DreamModel"}, ("dream.py",)),
+}
+REMOTE_CODE_SHARED_FILES = ("kv_cache.py", "output_head.py", "serialization.py")
+
 AutoConfig.register(LLaDAConfig.model_type, LLaDAConfig, exist_ok=True)
 AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
 AutoModelForCausalLM.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
@@ -41,4 +61,6 @@ __all__ = [
     "LLaDAModelLM",
     "LLaDAMoEConfig",
     "LLaDAMoEModelLM",
+    "REMOTE_CODE",
+    "REMOTE_CODE_SHARED_FILES",
 ]

@@ -24,11 +24,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 
 from .kv_cache import BlockKVCache, plan_forward, splice
 from .output_head import DiffusionLMOutput, apply_output_head, check_forward_kwargs
+from .serialization import full_diff_dict
 
 DREAM_AUTO_MAP = {
     "AutoConfig": "configuration_dream.DreamConfig",
@@ -39,48 +40,55 @@ DREAM_AUTO_MAP = {
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
-# Fields every transformers config has; to_diff_dict() leaves those to transformers.
-_BASE_FIELDS = set(PreTrainedConfig.__dataclass_fields__)
+# The architecture keys of the published config.json (Qwen2's plus mask_token_id), with the
+# published defaults.
+DREAM_DEFAULTS = dict(
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=22016,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    hidden_act="silu",
+    max_position_embeddings=32768,
+    initializer_range=0.02,
+    rms_norm_eps=1e-6,
+    use_cache=False,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    use_sliding_window=False,
+    sliding_window=4096,
+    max_window_layers=28,
+    attention_dropout=0.0,
+    mask_token_id=151666,
+)
 
 
-class DreamConfig(PreTrainedConfig):
-    """Configuration of a Dream model (Qwen2 keys plus ``mask_token_id``); defaults as published."""
+class DreamConfig(PretrainedConfig):
+    """Configuration of a Dream model (Qwen2 keys plus ``mask_token_id``); defaults as published.
+
+    Written with a plain ``__init__`` (not transformers 5's dataclass fields) so that this file
+    also serves as remote code under transformers 4.x (export.py copies it beside saved weights).
+    """
 
     model_type = "Dream"
     keys_to_ignore_at_inference = ["past_key_values"]
+    # A plain attribute here: transformers 5 makes rope_scaling a deprecated property of the base
+    # class, and Dream's config.json carries the key.
+    rope_scaling = None
 
-    vocab_size: int = 151936
-    hidden_size: int = 4096
-    intermediate_size: int = 22016
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: Optional[int] = 32
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 32768
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
-    use_cache: bool = False
-    tie_word_embeddings: bool = False
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
-    use_sliding_window: bool = False
-    sliding_window: Optional[int] = 4096
-    max_window_layers: int = 28
-    attention_dropout: float = 0.0
-    mask_token_id: Optional[int] = 151666
-    pad_token_id: Optional[int] = 151643
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
-
-    def __post_init__(self, **kwargs):
+    def __init__(self, pad_token_id=151643, bos_token_id=None, eos_token_id=None, tie_word_embeddings=False,
+                 **kwargs):
+        for name, default in DREAM_DEFAULTS.items():
+            setattr(self, name, kwargs.pop(name, default))
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if not self.use_sliding_window:
             self.sliding_window = None  # as the published config does
-        if not self.architectures:
-            self.architectures = ["DreamModel"]
+        kwargs["architectures"] = kwargs.get("architectures") or ["DreamModel"]
         kwargs.setdefault("auto_map", dict(DREAM_AUTO_MAP))
-        super().__post_init__(**kwargs)
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def head_dim(self) -> int:
@@ -88,18 +96,8 @@ class DreamConfig(PreTrainedConfig):
 
     def to_diff_dict(self) -> dict:
         # Write every architecture key, so the file reloads the same in the published code.
-        out = super().to_diff_dict()
-        full = self.to_dict()
-        for name in self.__dataclass_fields__:
-            if name in full and name not in _BASE_FIELDS:
-                out[name] = full[name]
-        for name in ("architectures", "auto_map"):
-            if full.get(name) is not None:
-                out[name] = full[name]
-        if out.get("dtype") is not None:
-            out.setdefault("torch_dtype", out["dtype"])  # the key older transformers (and the official code) read
-        return dict(sorted(out.items()))
-
+        keys = (*DREAM_DEFAULTS, "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings")
+        return full_diff_dict(self, super().to_diff_dict(), keys)
 
 
 def check_supported(config: DreamConfig) -> None:

@@ -28,10 +28,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from .kv_cache import BlockKVCache, plan_forward, splice
 from .output_head import DiffusionLMOutput, apply_output_head, check_forward_kwargs
+from .serialization import full_diff_dict
 
 LLADA2_MOE_ERROR = (
     "LLaDA 2.x MoE (model_type 'llada2_moe', LLaDA2MoeModelLM, e.g. inclusionAI/LLaDA2.0-mini) is not "
@@ -60,16 +61,60 @@ _MOE_KEYS = (
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
-# Fields every transformers config has; to_diff_dict() leaves those to transformers.
-_BASE_FIELDS = set(PreTrainedConfig.__dataclass_fields__)
+# The architecture keys of the published config.json, with LLaDA-8B's values as defaults.
+LLADA_DEFAULTS = dict(
+    d_model=4096,
+    n_heads=32,
+    n_kv_heads=None,
+    n_layers=32,
+    mlp_ratio=4,
+    mlp_hidden_size=12288,
+    activation_type="silu",
+    block_type="llama",
+    block_group_size=1,
+    alibi=False,
+    alibi_bias_max=8.0,
+    rope=True,
+    rope_full_precision=True,
+    rope_theta=500000.0,
+    flash_attention=False,
+    attention_dropout=0.0,
+    multi_query_attention=None,
+    attention_layer_norm=False,
+    attention_layer_norm_with_affine=True,
+    residual_dropout=0.0,
+    embedding_dropout=0.0,
+    input_emb_norm=False,
+    layer_norm_type="rms",
+    layer_norm_with_affine=True,
+    bias_for_layer_norm=False,
+    rms_norm_eps=1e-5,
+    max_sequence_length=4096,
+    include_bias=False,
+    include_qkv_bias=False,
+    scale_logits=False,
+    vocab_size=126464,
+    embedding_size=126464,
+    weight_tying=False,
+    mask_token_id=126336,
+    init_device="meta",
+    init_fn="mitchell",
+    init_std=0.02,
+    init_cutoff_factor=None,
+    precision="amp_bf16",
+    use_cache=False,
+)
 
 
-class LLaDAConfig(PreTrainedConfig):
+class LLaDAConfig(PretrainedConfig):
     """Configuration of a dense LLaDA model; accepts every key of the published config.json.
 
     Defaults describe LLaDA-8B. Keys that only matter to the original OLMo-derived training code
     (``init_device``, ``init_fn``, ``precision``, ``flash_attention`` ...) are kept for round
     trips and otherwise ignored; variants we do not implement are rejected when a model is built.
+
+    Written with a plain ``__init__`` (not transformers 5's dataclass fields) so that this file
+    also serves as remote code under transformers 4.x (export.py copies it beside saved weights).
     """
 
     model_type = "llada"
@@ -83,73 +128,37 @@ class LLaDAConfig(PreTrainedConfig):
         "tie_word_embeddings": "weight_tying",
     }
 
-    d_model: int = 4096
-    n_heads: int = 32
-    n_kv_heads: Optional[int] = None
-    n_layers: int = 32
-    mlp_ratio: int = 4
-    mlp_hidden_size: Optional[int] = 12288
-    activation_type: str = "silu"
-    block_type: str = "llama"
-    block_group_size: int = 1
-    alibi: bool = False
-    alibi_bias_max: float = 8.0
-    rope: bool = True
-    rope_full_precision: bool = True
-    rope_theta: float = 500000.0
-    flash_attention: bool = False
-    attention_dropout: float = 0.0
-    multi_query_attention: Optional[bool] = None
-    attention_layer_norm: bool = False
-    attention_layer_norm_with_affine: bool = True
-    residual_dropout: float = 0.0
-    embedding_dropout: float = 0.0
-    input_emb_norm: bool = False
-    layer_norm_type: str = "rms"
-    layer_norm_with_affine: bool = True
-    bias_for_layer_norm: Optional[bool] = False
-    rms_norm_eps: float = 1e-5
-    max_sequence_length: int = 4096
-    include_bias: bool = False
-    include_qkv_bias: Optional[bool] = False
-    scale_logits: bool = False
-    vocab_size: int = 126464
-    embedding_size: Optional[int] = 126464
-    weight_tying: bool = False
-    eos_token_id: Optional[int] = 126081
-    pad_token_id: Optional[int] = 126081
-    mask_token_id: Optional[int] = 126336
-    init_device: Optional[str] = "meta"
-    init_fn: str = "mitchell"
-    init_std: float = 0.02
-    init_cutoff_factor: Optional[float] = None
-    precision: Optional[str] = "amp_bf16"
-    use_cache: bool = False
-
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
         # The inclusionAI LLaDA-MoE release writes model_type "llada" too: hand it to its own class.
         if cls is LLaDAConfig:
             try:
                 from .llada_moe import LLaDAMoEConfig, is_llada_moe_config
-            except ImportError:  # shipped alone (remote code): __post_init__ refuses MoE keys clearly
+            except ImportError:  # shipped alone (remote code): __init__ refuses MoE keys clearly
                 pass
             else:
                 if is_llada_moe_config(config_dict):
                     return LLaDAMoEConfig.from_dict(dict(config_dict), **kwargs)
         return super().from_dict(config_dict, **kwargs)
 
-    def __post_init__(self, **kwargs):
-        architectures = self.architectures or []
+    def __init__(self, eos_token_id=126081, pad_token_id=126081, **kwargs):
+        architectures = kwargs.get("architectures") or []
         if any("moe" in str(name).lower() for name in architectures) or any(k in kwargs for k in _MOE_KEYS):
             raise ValueError(
                 "LLaDAConfig is the dense LLaDA and this is an MoE configuration: use LLaDAMoEConfig for "
                 "LLaDA-MoE (AutoConfig.from_pretrained picks it). " + LLADA2_MOE_ERROR
             )
-        if not architectures:
-            self.architectures = ["LLaDAModelLM"]
+        for name, default in LLADA_DEFAULTS.items():
+            setattr(self, name, kwargs.pop(name, default))
+        # Same attribute as weight_tying (attribute_map); transformers 4 would default it to True.
+        tie = kwargs.pop("tie_word_embeddings", None)
+        if tie is not None:
+            self.weight_tying = tie
+        kwargs["architectures"] = architectures or ["LLaDAModelLM"]
         kwargs.setdefault("auto_map", dict(LLADA_AUTO_MAP))
-        super().__post_init__(**kwargs)
+        super().__init__(
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, tie_word_embeddings=self.weight_tying, **kwargs
+        )
 
     # Derived sizes, named as in the published code.
     @property
@@ -176,29 +185,17 @@ class LLaDAConfig(PreTrainedConfig):
         return self.d_model // self.n_heads
 
     def to_diff_dict(self) -> dict:
-        # The official LLaDAConfig has different defaults (GPT-2 sized, sequential block, tied
-        # weights...), so a diff against OUR defaults would not reload correctly there: always
-        # write every architecture key.
-        out = super().to_diff_dict()
-        full = self.to_dict()
-        for name in self.__dataclass_fields__:
-            if name in full and name not in _BASE_FIELDS:
-                out[name] = full[name]
-        for name in ("architectures", "auto_map"):
-            if full.get(name) is not None:
-                out[name] = full[name]
-        if out.get("dtype") is not None:
-            out.setdefault("torch_dtype", out["dtype"])  # the key older transformers (and the official code) read
-        return dict(sorted(out.items()))
+        # Every architecture key: the official LLaDAConfig has other defaults (GPT-2 sized,
+        # sequential block, tied weights...).
+        return full_diff_dict(self, super().to_diff_dict(), (*LLADA_DEFAULTS, "eos_token_id", "pad_token_id"))
 
 
-
-class LLaDA2MoeConfig(PreTrainedConfig):
+class LLaDA2MoeConfig(PretrainedConfig):
     """Placeholder for ``model_type: llada2_moe`` (inclusionAI/LLaDA2.0, also MoE): refuses clearly."""
 
     model_type = "llada2_moe"
 
-    def __post_init__(self, **kwargs):
+    def __init__(self, **kwargs):
         raise ValueError(LLADA2_MOE_ERROR)
 
 

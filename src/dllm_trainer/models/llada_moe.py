@@ -43,11 +43,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 
 from .kv_cache import BlockKVCache, plan_forward, splice
 from .output_head import DiffusionLMOutput, apply_output_head, check_forward_kwargs
+from .serialization import full_diff_dict
 
 LLADA_MOE_AUTO_MAP = {
     "AutoConfig": "configuration_lladamoe.LLaDAMoEConfig",
@@ -58,7 +59,42 @@ LLADA_MOE_AUTO_MAP = {
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
-_BASE_FIELDS = set(PreTrainedConfig.__dataclass_fields__)
+# The architecture keys of the published config.json. Sizes default to the 7B-A1B shape (the
+# reference's defaults are -1 placeholders); released config.json files set every size.
+LLADA_MOE_DEFAULTS = dict(
+    vocab_size=157184,
+    hidden_size=2048,
+    dense_intermediate_size=8192,
+    expert_intermediate_size=1024,
+    shared_expert_intermediate_size=None,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=None,
+    hidden_act="silu",
+    max_position_embeddings=8192,
+    initializer_range=0.02,
+    rms_norm_eps=1e-5,
+    use_cache=False,
+    mask_token_id=156895,
+    rope_theta=50000.0,
+    partial_rotary_factor=1.0,
+    rope_scaling=None,
+    attention_bias=False,
+    attention_dropout=0.0,
+    clip_qkv=None,
+    num_experts_per_tok=8,
+    num_experts=64,
+    output_router_logits=False,
+    router_aux_loss_coef=0.01,
+    norm_topk_prob=False,
+    qk_layernorm=True,
+    moe_layer_freq=None,
+    moe_router_enable_expert_bias=False,
+    moe_router_score_function="softmax",
+    routed_scaling_factor=1,
+    router_num_group=None,
+    router_topk_group=None,
+)
 
 
 def is_llada_moe_config(config_dict: dict) -> bool:
@@ -67,64 +103,33 @@ def is_llada_moe_config(config_dict: dict) -> bool:
     return "LLaDAMoEModelLM" in archs or "expert_intermediate_size" in config_dict
 
 
-class LLaDAMoEConfig(PreTrainedConfig):
+class LLaDAMoEConfig(PretrainedConfig):
     """Configuration of a LLaDA-MoE model; accepts every key of the published config.json.
 
-    Defaults are placeholders of the 7B-A1B shape (the reference's are -1); released
-    config.json files set every size. Keys the reference ignores are kept for round trips.
+    Keys the reference ignores are kept for round trips. Written with a plain ``__init__`` (not
+    transformers 5's dataclass fields) so that this file also serves as remote code under
+    transformers 4.x (export.py copies it beside saved weights).
     """
 
     model_type = "lladamoe"
     keys_to_ignore_at_inference = ["past_key_values"]
+    # A plain attribute here: transformers 5 makes rope_scaling a deprecated property of the base class.
+    rope_scaling = None
 
-    vocab_size: int = 157184
-    hidden_size: int = 2048
-    dense_intermediate_size: Optional[int] = 8192
-    expert_intermediate_size: int = 1024
-    shared_expert_intermediate_size: Optional[int] = None
-    num_hidden_layers: int = 16
-    num_attention_heads: int = 16
-    num_key_value_heads: Optional[int] = None
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 8192
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-5
-    use_cache: bool = False
-    pad_token_id: Optional[int] = 156892
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = 156892
-    mask_token_id: Optional[int] = 156895
-    tie_word_embeddings: bool = False
-    rope_theta: float = 50000.0
-    partial_rotary_factor: float = 1.0
-    rope_scaling: Optional[dict] = None
-    attention_bias: bool = False
-    attention_dropout: float = 0.0
-    clip_qkv: Optional[float] = None
-    num_experts_per_tok: int = 8
-    num_experts: int = 64
-    output_router_logits: bool = False
-    router_aux_loss_coef: float = 0.01
-    norm_topk_prob: Optional[bool] = False
-    qk_layernorm: Optional[bool] = True
-    moe_layer_freq: Optional[list] = None
-    moe_router_enable_expert_bias: Optional[bool] = False
-    moe_router_score_function: Optional[str] = "softmax"
-    routed_scaling_factor: Optional[float] = 1
-    router_num_group: Optional[int] = None
-    router_topk_group: Optional[int] = None
-
-    def __post_init__(self, **kwargs):
+    def __init__(self, pad_token_id=156892, bos_token_id=None, eos_token_id=156892, tie_word_embeddings=False,
+                 **kwargs):
+        for name, default in LLADA_MOE_DEFAULTS.items():
+            setattr(self, name, kwargs.pop(name, default))
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.moe_layer_freq is None:
             self.moe_layer_freq = [1] * self.num_hidden_layers
         if isinstance(self.rope_scaling, dict) and "type" in self.rope_scaling:
             self.rope_scaling = {**self.rope_scaling, "rope_type": self.rope_scaling["type"]}  # as the reference
-        if not self.architectures:
-            self.architectures = ["LLaDAMoEModelLM"]
+        kwargs["architectures"] = kwargs.get("architectures") or ["LLaDAMoEModelLM"]
         kwargs.setdefault("auto_map", dict(LLADA_MOE_AUTO_MAP))
-        super().__post_init__(**kwargs)
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def head_dim(self) -> int:
@@ -145,17 +150,9 @@ class LLaDAMoEConfig(PreTrainedConfig):
 
     def to_diff_dict(self) -> dict:
         # Write every architecture key: the reference config's defaults are -1 placeholders.
-        out = super().to_diff_dict()
-        full = self.to_dict()
-        for name in self.__dataclass_fields__:
-            if name in full and name not in _BASE_FIELDS:
-                out[name] = full[name]
-        for name in ("architectures", "auto_map", "model_type"):
-            if full.get(name) is not None:
-                out[name] = full[name]
-        if out.get("dtype") is not None:
-            out.setdefault("torch_dtype", out["dtype"])  # the key older transformers (and the reference) read
-        return dict(sorted(out.items()))
+        keys = (*LLADA_MOE_DEFAULTS, "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings",
+                "model_type")
+        return full_diff_dict(self, super().to_diff_dict(), keys)
 
 
 def check_supported(config: LLaDAMoEConfig) -> None:

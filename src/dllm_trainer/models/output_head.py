@@ -136,7 +136,8 @@ def apply_output_head(
     return None, loss, correct
 
 
-_IGNORED_KWARGS = {"num_items_in_batch"}
+# token_type_ids: transformers 4 fast tokenizers return them by default; these models have no token types.
+_IGNORED_KWARGS = {"num_items_in_batch", "token_type_ids"}
 
 
 def check_forward_kwargs(labels, output_attentions, kwargs) -> None:
