@@ -3,6 +3,7 @@
 the mask token is found."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -173,14 +174,25 @@ def test_llada_pads_responses_with_trainable_eos():
     assert int((batch["labels"] != IGN).sum()) == sum(r for r in (2, 6, 1)) + int(pad.sum())
 
 
-def test_bert_and_dream_padding_is_not_trained():
+def test_bert_and_ignored_dream_padding_is_not_trained():
     rows = _rows([3, 2], [2, 6])
-    for fam in (BERT, DREAM):
+    ignored = dataclasses.replace(DREAM, padding=DREAM.padding_option("ignored"))  # dream_padding: ignored
+    for fam in (BERT, ignored):
         batch = DiffusionCollator(family=fam, pad_token_id=PAD, eos_token_id=EOS, perbatch_cutoff=False)(rows)
         assert batch["input_ids"].shape == (2, 8)
         assert batch["input_ids"][0, 5:].tolist() == [PAD] * 3
         assert batch["labels"][0, 5:].tolist() == [IGN] * 3
         assert batch["attention_mask"][0].tolist() == [1] * 5 + [0] * 3
+
+
+def test_dream_pads_with_trained_pad_token_out_of_attention_by_default():
+    """dllm's Dream SFT: label of the padding = pad token (trained), attention_mask 0 there."""
+    rows = _rows([3, 2], [2, 6])
+    batch = DiffusionCollator(family=DREAM, pad_token_id=PAD + 5, eos_token_id=EOS, perbatch_cutoff=False)(rows)
+    assert batch["input_ids"][0, 5:].tolist() == [PAD + 5] * 3  # the pad token, as the reference collator
+    assert batch["labels"][0, 5:].tolist() == [PAD + 5] * 3
+    assert batch["attention_mask"][0].tolist() == [1] * 5 + [0] * 3
+    assert int((batch["labels"] != IGN).sum()) == 2 + 6 + 3
 
 
 # ------------------------------------------------------------------------------ Dream: logits shift
@@ -249,7 +261,9 @@ def test_perbatch_cutoff_trims_longer_responses_to_one_drawn_from_the_batch():
             n = r["prompt_len"] + resp[b]
             assert batch["input_ids"][b, :n].tolist() == r["input_ids"][:n]
             assert batch["labels"][b, :n].tolist() == r["labels"][:n]
-            assert (batch["labels"][b, n:] == IGN).all() and (batch["input_ids"][b, n:] == PAD).all()
+            # the padding after the cut is trained (dream_padding: eos_trained, the reference's)
+            assert (batch["labels"][b, n:] == PAD).all() and (batch["input_ids"][b, n:] == PAD).all()
+            assert (batch["attention_mask"][b, n:] == 0).all()
         kept_seen.add(kept)
         # reproducible: the same batch collates the same way (exact resume)
         again = DiffusionCollator(family=DREAM, pad_token_id=PAD, eos_token_id=EOS, seed=seed)(rows)

@@ -7,6 +7,7 @@ including the per-batch and random response cutoffs.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -175,12 +176,17 @@ def test_packed_masked_tokens_normalisation(trainers, family):
 
 @pytest.mark.parametrize("cutoffs", [dict(perbatch_cutoff=True), dict(resp_cutoff_ratio=1.0)], ids=["perbatch", "resp_ratio"])
 def test_dream_packed_equals_padded_batch_with_cutoffs(trainers, cutoffs):
-    """Dream padding is neither attended nor trained, so packed == padded, cutoffs included."""
+    """With dream_padding: ignored, Dream padding is neither attended nor trained, so packed ==
+    padded, cutoffs included (the default trains the padding, which packing drops like LLaDA's)."""
     trainer = trainers["dream"]
-    trainer.diffusion = settings("dream", "cart", 0.3)
+    dream = get_family("dream")
+    ignored = dataclasses.replace(dream, padding=dream.padding_option("ignored"))
+    trainer.diffusion = dataclasses.replace(settings("dream", "cart", 0.3), family=ignored)
     rows = make_rows(seed=2)
-    padded = collator("dream", None, **cutoffs)([dict(r) for r in rows])
-    packed = collator("dream", 48, **cutoffs)([dict(r) for r in rows])
+    padded = DiffusionCollator(family=ignored, pad_token_id=PAD, eos_token_id=EOS, seed=3,
+                               **{"perbatch_cutoff": False, **cutoffs})([dict(r) for r in rows])
+    packed = DiffusionCollator(family=ignored, pad_token_id=PAD, eos_token_id=EOS, seed=3, pack_length=48,
+                               **{"perbatch_cutoff": False, **cutoffs})([dict(r) for r in rows])
     assert (padded["labels"] != -100).sum() == (packed["labels"] != -100).sum()
     assert (padded["labels"] != -100).sum() < trainable(rows)  # the cutoff did cut
     with torch.no_grad():
@@ -232,6 +238,8 @@ def test_packing_only_for_native_families():
     assert "ignored" in packing_note(bert) and "grouped by length" in packing_note(bert)
     assert "EOS" in packing_note(cfg(training_method="llada", pack_sequences=True))
     assert packing_note(cfg(training_method="dream")) is None
+    assert "dream" in packing_note(cfg(training_method="dream", pack_sequences=True))  # trained padding by default
+    assert packing_note(cfg(training_method="dream", pack_sequences=True, dream_padding="ignored")) is None
 
 
 def test_training_args_sampling_strategy(tmp_path):
@@ -287,4 +295,4 @@ def test_run_training_with_packing(request, tmp_path, monkeypatch, family):
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-6:]) / 6 < 0.85 * sum(losses[:6]) / 6, losses
     assert any("eval_loss" in e for e in rec.logs)
-    assert any("pack_sequences" in ln for ln in lines) == (family == "llada"), lines
+    assert any("pack_sequences" in ln for ln in lines), lines  # both pad with trainable EOS unpacked

@@ -57,7 +57,7 @@ class TrainConfig:
     dataset_split: str = _f("", "Dataset split", "Split to train on (default: train).", form=False)
 
     # ---- method and hardware -----------------------------------------------------------------
-    training_method: str = _f("bert", "Training method", "bert: a masked-LM encoder (BERT, RoBERTa, XLM-R, DistilBERT, DeBERTa-v2, ELECTRA, ModernBERT; a missing MLM head is added) with MDLM. llada: LLaDA and LLaDA-MoE SFT (EOS-padded responses, 1/t weighting). dream: Dream SFT (logits shifted by one, response cutoffs, CART weighting). a2d: turn a causal LM (Qwen2/3, Llama, Mistral, Gemma, GPT-NeoX, ...) into a diffusion LM: bidirectional attention, a mask token, Dream-style logits shift, EOS-padded responses, 1/t weighting.", enum=["bert", "llada", "dream", "a2d"])
+    training_method: str = _f("bert", "Training method", "bert: a masked-LM encoder (BERT, RoBERTa, XLM-R, DistilBERT, DeBERTa-v2, ELECTRA, ModernBERT; a missing MLM head is added) with MDLM. llada: LLaDA and LLaDA-MoE SFT (EOS-padded responses, 1/t weighting). dream: Dream SFT as dllm's (logits shifted by one, trained EOS padding, response cutoffs, CART weighting). a2d: turn a causal LM (Qwen2/3, Llama, Mistral, Gemma, GPT-NeoX, ...) into a diffusion LM: bidirectional attention, a mask token, Dream-style logits shift, EOS-padded responses, 1/t weighting.", enum=["bert", "llada", "dream", "a2d"])
     train_device: str = _f("cuda", "Training device", "cuda: GPUs (gpu_ids picks which); cpu: CPU workers (num_processes); tpu: accelerate's TPU mode.", enum=["cuda", "cpu", "tpu"])
     gpu_ids: str = _f("auto", "GPU IDs", "'auto' uses every visible GPU; or a comma list such as 0,2.", pattern=r"^(auto|\d+(\s*,\s*\d+)*)$")
     num_processes: int = _f(1, "CPU processes", "Number of worker processes when train_device is cpu (gloo backend).", minimum=1, maximum=256)
@@ -117,6 +117,7 @@ class TrainConfig:
     noise_eps: float = _f(1e-3, "Noise eps", "Mask ratio t = eps + (1 - eps) * U(0, 1).", minimum=0.0, maximum=0.5)
     min_mask_ratio: float = _f(0.0, "Min mask ratio", "t is rescaled into [min_mask_ratio, max_mask_ratio].", minimum=0.0, maximum=1.0)
     max_mask_ratio: float = _f(1.0, "Max mask ratio", "t is rescaled into [min_mask_ratio, max_mask_ratio].", minimum=0.0, maximum=1.0)
+    dream_padding: str = _f("eos_trained", "Padding (dream)", "Dream: eos_trained (as dllm's Dream SFT): rows are padded with the pad token (Dream's <|endoftext|>, its EOS) and that padding is trained, so the model learns to end answers; padded positions are out of attention and count as clean context in CART. ignored: padding is out of attention, loss and CART context.", enum=["eos_trained", "ignored"])
     perbatch_cutoff: bool = _f(True, "Per-batch response cutoff (dream)", "Dream: pick one response length from the batch and trim longer responses to it before padding.")
     resp_cutoff_ratio: float = _f(0.0, "Response cutoff ratio (dream)", "Dream: probability of an extra random cut of the padded batch (used when perbatch_cutoff is off).", minimum=0.0, maximum=1.0)
     a2d_shift_logits: bool = _f(True, "Shift logits (a2d)", "a2d: predict token i from output i-1 (Dream-style), where the causal LM's head already predicts the next token, so its knowledge carries over. Off: token i from output i. Saved in the model's config for the samplers.")

@@ -5,7 +5,9 @@ samplers ask the strategy instead of branching on names:
 
 - which checkpoints belong to the family (config ``model_type`` / ``architectures``),
 - how logits line up with tokens (Dream predicts token i from output i-1),
-- how responses are padded (LLaDA pads with EOS and trains on it),
+- how a batch's rows are padded and how that padding is treated (``Padding``: LLaDA pads with
+  EOS and trains on it; Dream, by default, trains its pad token as dllm's Dream SFT does),
+- which config settings apply to the family only (model cards list only those),
 - which loss weighting and sampler are the family's defaults,
 - how to get the cross-entropy at masked positions only (our LLaDA/Dream models compute the head
   there natively; HF BERT models give full logits that we gather; HF causal LMs compute the head
@@ -25,18 +27,65 @@ from .errors import ModelError
 
 
 @dataclass(frozen=True)
+class Padding:
+    """How the rows of a batch are padded to one length (collator.py) and how the trainer treats
+    that padding (attention, loss, CART context).
+
+    Right padding only. ``fill`` is the token written past a row's end ("eos" or "pad");
+    ``trained``: its label is that token (maskable, in the loss, counted as a trainable token),
+    else -100; ``attended``: attention_mask 1 there (the model sees it as a real token);
+    ``isolated``: padded positions attend to nothing and are seen by nothing (the pairwise mask
+    dllm's Dream model builds from a 2-D padding mask; it only matters when padding is trained and
+    not attended); ``clean_context``: an unmasked padded position counts as clean context in CART
+    weights.
+    """
+
+    fill: str
+    trained: bool
+    attended: bool
+    isolated: bool = False
+    clean_context: bool = False
+
+    def model_attention_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The mask the model gets for a collated 2-D ``attention_mask`` (0 = padding)."""
+        if not self.isolated or attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
+            return attention_mask
+        keep = attention_mask.bool()
+        return keep[:, None, :, None] & keep[:, None, None, :]  # [B, 1, Lq, Lk]
+
+    def context_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The mask CART weights count clean context in (None: every unmasked position counts)."""
+        return None if self.clean_context else attention_mask
+
+
+# LLaDA SFT: responses padded with EOS, attended and trained: how LLaDA learns where an answer ends.
+EOS_TRAINED = Padding(fill="eos", trained=True, attended=True, clean_context=True)
+# dllm's Dream SFT (examples/dream/sft.py): padded with the pad token (Dream's <|endoftext|>, its
+# EOS), labels = pad ("finetune on padded <eos_token>"), attention_mask 0 there, which Dream's
+# forward turns into a pairwise mask; CART counts every unmasked position, padding included.
+DREAM_PAD_TRAINED = Padding(fill="pad", trained=True, attended=False, isolated=True, clean_context=True)
+# Padding is out of attention, loss and CART context (BERT; Dream's `dream_padding: ignored`).
+IGNORED = Padding(fill="pad", trained=False, attended=False)
+
+
+@dataclass(frozen=True)
 class FamilyStrategy:
     name: str
     model_types: tuple[str, ...]
     architectures: tuple[str, ...]
     shift_logits: bool  # Dream: position i is predicted by output i-1 (position 0 by output 0)
-    pad_with_eos: bool  # LLaDA SFT: responses padded with EOS, and those EOS are trained
+    padding: Padding  # how a batch's rows are padded (a run may choose another of padding_options)
     uses_response_cutoffs: bool  # Dream SFT: perbatch_cutoff / resp_cutoff_ratio
     default_loss_weight: str
     default_sampler: str
     native_masked_head: bool  # model(..., output_positions=, target_ids=) is supported
     auto_class: str = "AutoModel"  # the transformers Auto class that loads the family's checkpoints
     trains_mask_embedding: bool = False  # LoRA also trains the mask token's embedding row (a new token)
+    padding_options: tuple[tuple[str, Padding], ...] = ()  # (name, policy) the padding_setting picks from
+    padding_setting: str | None = None  # the TrainConfig field that picks it (Dream: dream_padding)
+    bos_before_trained_first_token: bool = False  # dllm's trainer, right-shifted logits (collator.py)
+    pipeline_tag: str = "text-generation"  # for the model card
+    own_settings: tuple[str, ...] = ()  # TrainConfig fields that apply to this family only (model card)
 
     # ---- per-model variants and preparation (a2d overrides these) ------------------------------
     def handles(self, model_type: str) -> bool:
@@ -45,7 +94,15 @@ class FamilyStrategy:
 
     def configured(self, cfg) -> "FamilyStrategy":
         """The strategy a training run with config ``cfg`` uses (options of the method applied)."""
-        return self
+        if self.padding_setting is None:
+            return self
+        return dataclasses.replace(self, padding=self.padding_option(getattr(cfg, self.padding_setting)))
+
+    def padding_option(self, name: str) -> Padding:
+        options = dict(self.padding_options)
+        if name not in options:
+            raise ModelError(f"unknown padding '{name}' for {self.name} (allowed: {', '.join(options) or 'none'})")
+        return options[name]
 
     def for_config(self, config) -> "FamilyStrategy":
         """The strategy that fits a saved/loaded model with this config (e.g. its logits alignment)."""
@@ -118,12 +175,13 @@ BERT = FamilyStrategy(
         "ElectraModel",
     ),
     shift_logits=False,
-    pad_with_eos=False,
+    padding=IGNORED,
     uses_response_cutoffs=False,
     default_loss_weight="scheduler",
     default_sampler="low_confidence",
     native_masked_head=False,
     auto_class="AutoModelForMaskedLM",
+    pipeline_tag="fill-mask",
 )
 
 LLADA = FamilyStrategy(
@@ -131,7 +189,7 @@ LLADA = FamilyStrategy(
     model_types=("llada", "lladamoe"),  # LLaDA-MoE trains and samples exactly like LLaDA
     architectures=("LLaDAModelLM", "LLaDAMoEModelLM"),
     shift_logits=False,
-    pad_with_eos=True,
+    padding=EOS_TRAINED,
     uses_response_cutoffs=False,
     default_loss_weight="scheduler",
     default_sampler="low_confidence",
@@ -143,11 +201,15 @@ DREAM = FamilyStrategy(
     model_types=("dream",),  # compared case-insensitively: the public config says "Dream"
     architectures=("DreamModel",),
     shift_logits=True,
-    pad_with_eos=False,
+    padding=DREAM_PAD_TRAINED,
+    padding_options=(("eos_trained", DREAM_PAD_TRAINED), ("ignored", IGNORED)),
+    padding_setting="dream_padding",
+    bos_before_trained_first_token=True,
     uses_response_cutoffs=True,
     default_loss_weight="cart[geo_p:0.3]",
     default_sampler="maskgit_plus",
     native_masked_head=True,
+    own_settings=("dream_padding", "perbatch_cutoff", "resp_cutoff_ratio"),
 )
 
 
@@ -175,7 +237,7 @@ class A2DStrategy(FamilyStrategy):
         return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     def configured(self, cfg) -> "FamilyStrategy":
-        return dataclasses.replace(self, shift_logits=bool(cfg.a2d_shift_logits))
+        return dataclasses.replace(super().configured(cfg), shift_logits=bool(cfg.a2d_shift_logits))
 
     def for_config(self, config) -> "FamilyStrategy":
         from .models.a2d import read_marker
@@ -224,13 +286,14 @@ A2D = A2DStrategy(
                    "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GPTNeoXForCausalLM",
                    "SmolLM3ForCausalLM", "Phi3ForCausalLM"),
     shift_logits=True,
-    pad_with_eos=True,
+    padding=EOS_TRAINED,
     uses_response_cutoffs=False,
     default_loss_weight="scheduler",
     default_sampler="low_confidence",
     native_masked_head=False,
     auto_class="AutoModelForCausalLM",
     trains_mask_embedding=True,
+    own_settings=("a2d_shift_logits",),
 )
 
 FAMILIES: dict[str, FamilyStrategy] = {f.name: f for f in (BERT, LLADA, DREAM, A2D)}

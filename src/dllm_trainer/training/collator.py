@@ -1,13 +1,15 @@
 """Batching of tokenised rows for diffusion training.
 
-Rows arrive unpadded (input_ids, labels, prompt_len, sample_index). The family decides how they
-are padded:
+Rows arrive unpadded (input_ids, labels, prompt_len, sample_index). The family's padding policy
+(``families.Padding``) decides how they are padded:
 
 - llada: padded with EOS, and the EOS padding is *trainable* (label = EOS, attended): this is how
   LLaDA learns where an answer ends.
 - dream: optional per-batch response cutoff (one response length drawn from the batch, longer
   responses trimmed to it before padding), or with probability resp_cutoff_ratio an extra random
-  cut of the padded batch; padding is masked out of attention and loss.
+  cut of the padded batch. By default (``dream_padding: eos_trained``, as dllm's Dream SFT) the
+  padding is the pad token with label = pad token (trained) and attention_mask 0; with
+  ``ignored`` it is masked out of attention and loss.
 - bert: plain padding, masked out of attention and loss.
 
 The random choices of the Dream cutoffs are seeded by the batch's sample indices, so a batch is
@@ -66,12 +68,11 @@ class DiffusionCollator:
                 self._resp_cutoff_rows(rows, rng, max_len)
             return pack_rows(rows, self.pack_length, pad_token_id=self.pad_token_id,
                              pad_to_multiple_of=self.pad_to_multiple_of)
-        if self.family.pad_with_eos:
-            if self.eos_token_id is None:
-                raise ValueError("llada training pads responses with EOS, but the tokenizer has no eos token")
-            pad_id, label_pad, attend_pad = self.eos_token_id, self.eos_token_id, 1
-        else:
-            pad_id, label_pad, attend_pad = self.pad_token_id, -100, 0
+        policy = self.family.padding
+        pad_id = self.eos_token_id if policy.fill == "eos" else self.pad_token_id
+        if pad_id is None:
+            raise ValueError(f"{self.family.name} training pads with the {policy.fill} token, but the tokenizer has none")
+        label_pad, attend_pad = (pad_id if policy.trained else -100), int(policy.attended)
 
         B = len(rows)
         input_ids = torch.full((B, max_len), pad_id, dtype=torch.long)
@@ -82,7 +83,7 @@ class DiffusionCollator:
             input_ids[b, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
             labels[b, :n] = torch.tensor(r["labels"], dtype=torch.long)
             attention_mask[b, :n] = 1
-        # Under EOS padding nothing is padding for attention: every position is a real token.
+        # Under attended (LLaDA) padding nothing is padding for attention: every position is a real token.
         batch = {
             "input_ids": input_ids,
             "labels": labels,

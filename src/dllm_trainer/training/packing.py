@@ -74,10 +74,12 @@ def packing_note(cfg) -> str | None:
             "block-diagonal attention masks; using padded batches"
             + (" grouped by length" if cfg.group_by_length else "")
         )
-    if cfg.training_method == "llada":
+    from ..families import get_family
+
+    if get_family(cfg.training_method).configured(cfg).padding.trained:
         return (
-            "[dllm] pack_sequences: rows are packed without padding, so LLaDA's trainable EOS padding of "
-            "unpacked batches does not apply (each row's own tokens, including its EOS, are trained)"
+            f"[dllm] pack_sequences: rows are packed without padding, so the trainable padding of unpacked "
+            f"{cfg.training_method} batches does not apply (each row's own tokens, including its EOS, are trained)"
         )
     return None
 

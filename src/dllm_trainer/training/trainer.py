@@ -153,10 +153,13 @@ class MDLMTrainer(Trainer):
                 )
                 weights = packed_weights
             else:
+                padding = d.family.padding  # trained Dream padding: isolated in attention, clean CART context
                 token_loss, correct = d.family.masked_token_loss(
-                    model, noisy, attention_mask, inputs.get("position_ids"), positions, targets, d.ce_chunk_size
+                    model, noisy, padding.model_attention_mask(attention_mask), inputs.get("position_ids"),
+                    positions, targets, d.ce_chunk_size,
                 )
-                weights = token_weights(d.weight_kind, masked, t, geo_p=d.geo_p, attention_mask=attention_mask)
+                weights = token_weights(d.weight_kind, masked, t, geo_p=d.geo_p,
+                                        attention_mask=padding.context_mask(attention_mask))
             weighted_sum = (token_loss * weights.flatten()[positions]).sum()
         else:
             # No masked token in this micro-batch (tiny t): a zero loss that still touches every
