@@ -105,6 +105,9 @@ def test_resuming_a_finished_run_trains_no_extra_step(tmp_path, llada_dir):
     finally:
         torch.set_num_threads(threads)
     assert again.global_step == 3 and not (tmp_path / "out" / "checkpoint-4").exists()
+    # no step ran: no train_loss (HF would report 0), while the first run's metrics have one
+    assert "train_loss" in first.metrics and "train_loss" not in again.metrics
+    assert "train_loss" not in json.loads((tmp_path / "out" / "metrics.json").read_text())
     resumed = load_tensors(Path(again.final_model_dir) / "model.safetensors")
     assert all(torch.equal(weights[k], resumed[k]) for k in weights)
 

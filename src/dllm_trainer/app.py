@@ -298,7 +298,9 @@ def _run_job(cfg: TrainConfig, reporter, *, gpu_count, poll_interval, log) -> in
         adaptor_dir = None
         staging = result.get("final_model_dir") or os.path.join(cfg.output_dir, "final_model")
     reporter.progress(TRAIN_PROGRESS_SHARE + 2)
-    meta = export.training_metadata(user_cfg, metrics, base_model=user_cfg.model_name, adaptor_dir=adaptor_dir)
+    meta = export.training_metadata(user_cfg, metrics, base_model=user_cfg.model_name, adaptor_dir=adaptor_dir,
+                                    base_hub_id=export.hub_id(user_cfg.model_name, cfg.model_name),
+                                    license_id=export.base_license(export.base_model_dir(cfg.model_name)))
     meta["model_name"] = model_id
     meta["train_seconds"] = round(time.time() - started, 1)
     export.write_model_card(staging, meta, name=model_id)

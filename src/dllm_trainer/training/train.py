@@ -49,6 +49,14 @@ def is_complete_checkpoint(path: str) -> bool:
     return is_valid_checkpoint(path)
 
 
+def _checkpoint_step(path: str) -> int:
+    try:
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as fh:
+            return int(json.load(fh).get("global_step") or 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 def _is_main_worker() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -233,14 +241,19 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
         callbacks=callbacks,
         diffusion=settings,
     )
+    trainer.export_base, trainer.export_trust_remote_code = cfg.model_name, cfg.trust_remote_code
     log(f"[dllm] training {cfg.training_method} on {len(prepared.train)} rows"
         f"{f' (eval {len(prepared.eval)})' if prepared.eval is not None else ''}; output in {cfg.output_dir}")
     if resume:
         from .checkpoints import skipped_steps_in
 
         trainer.skipped_steps = skipped_steps_in(resume)
+    start_step = _checkpoint_step(resume) if resume else 0
     train_out = trainer.train(resume_from_checkpoint=resume)
     metrics = {k: v for k, v in train_out.metrics.items() if isinstance(v, (int, float))}
+    if trainer.state.global_step <= start_step:
+        # Resumed at the last step: no step ran, and HF's train_loss (0 / 0 steps) would read 0.
+        metrics.pop("train_loss", None)
     if prepared.eval is not None and not stopper.stopped:
         metrics.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
     for entry in reversed(trainer.state.log_history):  # the last logged training metrics

@@ -232,6 +232,18 @@ class MDLMTrainer(Trainer):
         # While a checkpoint is saved, HF's own checkpoint code writes into the staging folder.
         return self._checkpoint_staging_root or super()._get_output_dir(trial)
 
+    # ---- saved folders load anywhere (export.make_portable): checkpoints and the final model --------
+    export_base: str | None = None  # the base model (path or Hub id) the saved folders take files from
+    export_trust_remote_code: bool = False
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.export_base is not None and self.args.should_save:  # FSDP/DeepSpeed call _save on every worker
+            from .export import make_portable
+
+            make_portable(output_dir or self.args.output_dir, self.export_base,
+                          trust_remote_code=self.export_trust_remote_code)
+
     def _save_checkpoint(self, model, trial):
         """HF's checkpoint, written to a staging folder and renamed into place (checkpoints.py)."""
         from .checkpoints import AtomicCheckpointWriter

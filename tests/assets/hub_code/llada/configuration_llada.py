@@ -1,0 +1,7 @@
+"""Stand-in for a published configuration_llada.py (see ../README.md)."""
+from .llada import LLaDAConfig  # noqa: F401
+
+# transformers 4 copies only the direct relative imports of a local module: name them all here.
+from .kv_cache import BlockKVCache  # noqa: F401,E402
+from .output_head import DiffusionLMOutput  # noqa: F401,E402
+from .serialization import full_diff_dict  # noqa: F401,E402
