@@ -31,8 +31,12 @@ from dllm_trainer.training import export
 TESTS = Path(__file__).resolve().parent
 MODELS_SRC = REPO / "src" / "dllm_trainer" / "models"
 HUB_IDS = {"llada": "GSAI-ML/LLaDA-tiny", "dream": "Dream-org/Dream-tiny"}
-CODE_FILES = {"llada": ("configuration_llada.py", "modeling_llada.py", "llada.py"),
-              "dream": ("configuration_dream.py", "modeling_dream.py", "dream.py")}
+FIXTURE = {"llada": "llada-tiny", "llada_moe": "llada-moe-tiny", "dream": "dream-tiny"}
+METHOD = {"llada": "llada", "llada_moe": "llada", "dream": "dream"}
+# Our files a folder without the base's code gets, by architecture (models.REMOTE_CODE).
+OUR_FILES = {"llada": ("llada.py", "llada_moe.py"), "llada_moe": ("llada_moe.py",), "dream": ("dream.py",)}
+CODE_FILES = {"llada": ("configuration_llada.py", "modeling_llada.py"),
+              "dream": ("configuration_dream.py", "modeling_dream.py")}  # tests/assets/hub_code
 SHARED = ("kv_cache.py", "output_head.py", "serialization.py")
 TEXT = "Hi, mask <|mdm_mask|> and end<|endoftext|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -127,8 +131,8 @@ def _make_base(kind: str, family: str, root: Path, compat_py: Path, fixtures_dir
         base = root / f"{family}-plain"
     base.mkdir(parents=True)
     for f in ("config.json", "model.safetensors", "generation_config.json"):
-        if (fixtures_dir / f"{family}-tiny" / f).exists():
-            shutil.copy2(fixtures_dir / f"{family}-tiny" / f, base)
+        if (fixtures_dir / FIXTURE[family] / f).exists():
+            shutil.copy2(fixtures_dir / FIXTURE[family] / f, base)
     # The tokenizer as a transformers 4 user saved it (the format published checkpoints carry).
     tok4 = root / "tokenizer-saved-by-transformers-4"
     if not tok4.exists():
@@ -137,9 +141,9 @@ def _make_base(kind: str, family: str, root: Path, compat_py: Path, fixtures_dir
     for f in tok4.iterdir():
         shutil.copy2(f, base)
     if kind == "hub":
-        for f in CODE_FILES[family][:2]:
+        for f in CODE_FILES[family]:
             shutil.copy2(TESTS / "assets" / "hub_code" / family / f, base)
-        for f in (CODE_FILES[family][2], *SHARED):
+        for f in (*OUR_FILES[family], *SHARED):
             shutil.copy2(MODELS_SRC / f, base)
         if not (base / "generation_config.json").exists():
             (base / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 2}) + "\n")
@@ -154,7 +158,7 @@ def _random_adaptor(base: Path, family: str, out: Path) -> Path:
 
     torch.manual_seed(0)
     model = AutoModel.from_pretrained(base, dtype=torch.float32)
-    targets = ["q_proj", "v_proj", "ff_out" if family == "llada" else "lm_head"]
+    targets = ["q_proj", "v_proj", "ff_out" if family == "llada" else "lm_head"]  # a head too
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
     peft.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
@@ -173,13 +177,13 @@ def outputs(tmp_path_factory, compat_py, fixtures_dir):
     torch.set_num_threads(1)
     out = {}
     try:
-        for family in ("llada", "dream"):
-            for kind in ("hub", "plain"):
-                base = _make_base(kind, family, root, compat_py, fixtures_dir)
-                adaptor = _random_adaptor(base, family, root / f"{family}-{kind}-adaptor")
-                fused = root / f"{family}-{kind}-fused"
-                export.fuse_adaptor(str(base), str(adaptor), str(fused), family_name=family, log=lambda *a: None)
-                out[f"{family}-{kind}-fused"] = (fused, base, family)
+        for family, kind in (("llada", "hub"), ("llada", "plain"), ("dream", "hub"), ("dream", "plain"),
+                             ("llada_moe", "plain")):
+            base = _make_base(kind, family, root, compat_py, fixtures_dir)
+            adaptor = _random_adaptor(base, family, root / f"{family}-{kind}-adaptor")
+            fused = root / f"{family}-{kind}-fused"
+            export.fuse_adaptor(str(base), str(adaptor), str(fused), family_name=METHOD[family], log=lambda *a: None)
+            out[f"{family}-{kind}-fused"] = (fused, base, family)
         base = out["dream-hub-fused"][1]
         job = TrainConfig.from_dict(dict(
             model_name=str(base), dataset_name=str(asset_path("chat_small.jsonl")), output_dir=str(root / "run"),
@@ -266,15 +270,15 @@ def test_output_folders_keep_the_bases_files(outputs):
             assert config["auto_map"]["AutoModel"] == "llada.LLaDAModelLM" and config["mask_token_id"] == 512
         elif "-hub-" in name:
             assert config["auto_map"] == json.loads((base / "config.json").read_text())["auto_map"]
-            for f in (*CODE_FILES[family], *SHARED):
+            for f in (*CODE_FILES[family], *OUR_FILES[family], *SHARED):
                 assert (folder / f).read_bytes() == (base / f).read_bytes(), (name, f)
             assert (folder / "generation_config.json").read_bytes() == (base / "generation_config.json").read_bytes()
         else:
             assert set(config["auto_map"]) >= {"AutoConfig", "AutoModel"}
             assert all(v.startswith(family + ".") for v in config["auto_map"].values()), config["auto_map"]
-            for f in (family + ".py", *SHARED):
+            for f in (*OUR_FILES[family], *SHARED):
                 assert (folder / f).read_bytes() == (MODELS_SRC / f).read_bytes(), (name, f)
-            assert not any((folder / f).exists() for f in CODE_FILES[family][:2])
+            assert sorted(p.name for p in folder.glob("*.py")) == sorted((*OUR_FILES[family], *SHARED))
         tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
         assert tokenizer_config["tokenizer_class"] != "TokenizersBackend"
         if name == "llada-nomask-final":  # changed: written for transformers 4 (see the next test)
