@@ -31,6 +31,7 @@ from dllm_trainer.training.collator import DiffusionCollator
 from dllm_trainer.training.trainer import DiffusionSettings, MDLMTrainer
 
 P = 2  # pad = eos of the fixture
+BOS = 1
 MASK = 500
 IGN = -100
 GEO_P = 0.3
@@ -111,12 +112,12 @@ def forced_noise(masked):
     return draw
 
 
-def collate_with_kept(family, kept_row0_len):
+def collate_with_kept(family, kept_row0_len, feats=None):
     """The per-batch cutoff draws its response length from a seeded generator: find a seed that
     drew the wanted one (kept_row0_len = the first row's length after the cut)."""
     for seed in range(100):
         batch = DiffusionCollator(family=family, pad_token_id=P, eos_token_id=P, perbatch_cutoff=True,
-                                  seed=seed)(features())
+                                  seed=seed, bos_token_id=BOS)(feats or features())
         if int(batch["attention_mask"][0].sum()) == kept_row0_len:
             return batch
     raise AssertionError("no seed drew that cutoff")
@@ -177,6 +178,38 @@ def test_dream_loss_equals_the_reference_recipe_on_a_padded_batch(model, tmp_pat
     keys_only = reference_loss(model, expected, MASKED, padding_trained=True, isolated=False)
     assert abs(float(keys_only - ref)) > 1e-4 * float(ref)
     assert trainer._train_stats.trainable == sum(v != IGN for row in expected["labels"] for v in row)
+
+
+# mask_prompt_loss off: every token is trained, so dllm's trainer puts a BOS (label -100) in front
+# of every row (the first token must be predicted by an output before it). Per-batch cutoff as above.
+NO_PROMPT_MASK = dict(
+    input_ids=[[BOS, 11, 12, 13, 21, 22, 23, P],
+               [BOS, 31, 32, 41, 42, P, P, P],
+               [BOS, 51, 52, 53, 54, 61, 62, 63]],
+    labels=[[IGN, 11, 12, 13, 21, 22, 23, P],
+            [IGN, 31, 32, 41, 42, P, P, P],
+            [IGN, 51, 52, 53, 54, 61, 62, 63]],
+    attention_mask=[[1, 1, 1, 1, 1, 1, 1, 0],
+                    [1, 1, 1, 1, 1, 0, 0, 0],
+                    [1, 1, 1, 1, 1, 1, 1, 1]],
+)
+MASKED_NO_PROMPT_MASK = [[0, 1, 0, 1, 0, 0, 1, 1],
+                         [0, 1, 1, 0, 0, 0, 1, 1],
+                         [0, 0, 1, 0, 0, 1, 1, 0]]
+
+
+def test_dream_with_trained_first_tokens_gets_a_bos_as_the_reference(model, tmp_path, monkeypatch):
+    feats = [{**f, "labels": list(f["input_ids"])} for f in features()]
+    batch = collate_with_kept(DREAM, kept_row0_len=7, feats=feats)
+    for key, want in NO_PROMPT_MASK.items():
+        assert batch[key].tolist() == want, key
+    trainer = make_trainer(model, tmp_path, "eos_trained")
+    ours = our_loss(trainer, batch, MASKED_NO_PROMPT_MASK, monkeypatch)
+    ref = reference_loss(model, NO_PROMPT_MASK, MASKED_NO_PROMPT_MASK, padding_trained=True, isolated=True)
+    torch.testing.assert_close(ours, ref, rtol=5e-6, atol=0)
+    # with a prompt in every row (the first label is -100) no BOS is added
+    plain = collate_with_kept(DREAM, kept_row0_len=6)
+    assert plain["input_ids"].tolist() == PERBATCH["input_ids"]
 
 
 def test_dream_padding_ignored_keeps_the_previous_behaviour(model, tmp_path, monkeypatch):

@@ -78,7 +78,7 @@ def naive_loss(model, family, batch, d: DiffusionSettings):
     labels, am = batch["labels"], batch["attention_mask"]
     masked, t = draw_masks(labels, batch["sample_index"], schedule=d.schedule, seed=d.seed, epoch=0, stream=TRAIN_STREAM)
     noisy = torch.where(masked, torch.full_like(labels, MASK), batch["input_ids"])
-    padding = d.padding_policy  # Dream's trained padding: isolated in attention, clean CART context
+    padding = d.family.padding  # Dream's trained padding: isolated in attention, clean CART context
     logits = fam.align_logits(model(input_ids=noisy, attention_mask=padding.model_attention_mask(am)).logits.float())
     target = torch.where(masked, labels, torch.full_like(labels, -100))
     ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none", ignore_index=-100)

@@ -9,7 +9,9 @@ Rows arrive unpadded (input_ids, labels, prompt_len, sample_index). The family's
   responses trimmed to it before padding), or with probability resp_cutoff_ratio an extra random
   cut of the padded batch. By default (``dream_padding: eos_trained``, as dllm's Dream SFT) the
   padding is the pad token with label = pad token (trained) and attention_mask 0; with
-  ``ignored`` it is masked out of attention and loss.
+  ``ignored`` it is masked out of attention and loss. When a row's first token is trained (no
+  prompt, or mask_prompt_loss off), every row gets a BOS in front (label -100), as dllm's trainer
+  does for right-shifted logits.
 - bert: plain padding, masked out of attention and loss.
 
 The random choices of the Dream cutoffs are seeded by the batch's sample indices, so a batch is
@@ -42,6 +44,7 @@ class DiffusionCollator:
     seed: int = 42
     pad_to_multiple_of: int | None = None
     pack_length: int | None = None  # set: padding-free packing into sequences of this many tokens
+    bos_token_id: int | None = None  # Dream: put in front of every row when a first token is trained
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         rows = [
@@ -56,6 +59,13 @@ class DiffusionCollator:
         rng = self._batch_rng(rows)
         if self.family.uses_response_cutoffs and self.perbatch_cutoff:
             self._perbatch_cutoff(rows, rng)
+        if (self.family.bos_before_trained_first_token and self.bos_token_id is not None
+                and any(r["labels"][0] != -100 for r in rows)):
+            # As dllm's trainer does for right-shifted logits: a trained first token has no output
+            # before it to be predicted from, so every row of the batch starts with an untrained BOS.
+            for r in rows:
+                r["input_ids"], r["labels"] = [self.bos_token_id, *r["input_ids"]], [-100, *r["labels"]]
+                r["prompt_len"] += 1
 
         max_len = max(len(r["input_ids"]) for r in rows)
         if self.pad_to_multiple_of:

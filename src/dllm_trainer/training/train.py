@@ -217,6 +217,7 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
         perbatch_cutoff=cfg.perbatch_cutoff,
         resp_cutoff_ratio=cfg.resp_cutoff_ratio,
         seed=cfg.seed,
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id,
         # Padding-free packing into max_length sequences (packing.py); llada/dream only.
         pack_length=cfg.max_length if packing_active(cfg) else None,
     )
