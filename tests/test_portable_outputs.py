@@ -66,9 +66,11 @@ def test_hub_id_of_a_base_model(tmp_path):
     assert export.hub_id(str(local)) is None
 
 
-@pytest.mark.parametrize("method", ["bert", "llada", "dream"])
+@pytest.mark.parametrize("method", ["bert", "llada", "dream", "a2d"])
 def test_model_card_names_the_hub_base_and_only_the_methods_settings(tmp_path, method):
     data = tmp_path / "chats.jsonl"
+    if method in ("llada", "dream"):  # the folder carries remote code (make_portable)
+        (tmp_path / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": f"{method}.Model"}}))
     cfg = TrainConfig.from_dict({"model_name": str(tmp_path / "base"), "dataset_name": str(data),
                                  "training_method": method, "lora": True})
     meta = export.training_metadata(cfg, {"loss": 0.5, "global_step": 7}, base_model=str(tmp_path / "base"),
@@ -80,12 +82,15 @@ def test_model_card_names_the_hub_base_and_only_the_methods_settings(tmp_path, m
     assert "license: apache-2.0" in front
     assert f"pipeline_tag: {'fill-mask' if method == 'bert' else 'text-generation'}" in front
     assert str(tmp_path) not in card and str(tmp_path) not in json.dumps(meta)  # no local paths
-    dream_only = ("dream_padding", "perbatch_cutoff", "resp_cutoff_ratio")
-    for key in dream_only:
-        assert (f"| {key} |" in card) == (method == "dream"), key
-        assert (key in meta) == (method == "dream"), key
+    own = {"dream_padding": "dream", "perbatch_cutoff": "dream", "resp_cutoff_ratio": "dream",
+           "a2d_shift_logits": "a2d"}
+    for key, owner in own.items():
+        assert (f"| {key} |" in card) == (method == owner), key
+        assert (key in meta) == (method == owner), key
     if method == "bert":
         assert "AutoModelForMaskedLM.from_pretrained" in card and "trust_remote_code" not in card
+    elif method == "a2d":  # the base causal LM's own class, no remote code
+        assert "AutoModelForCausalLM.from_pretrained" in card and "trust_remote_code" not in card
     else:  # how to load it with and without our package
         assert "AutoModel.from_pretrained" in card and "trust_remote_code=True" in card
         assert "import dllm_trainer" in card

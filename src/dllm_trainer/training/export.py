@@ -357,6 +357,7 @@ def write_model_card(out_dir: str, meta: dict, *, name: str) -> None:
 
     family = get_family(meta["training_method"])
     hub = meta.get("base_model_hub_id")
+    remote_code = bool(_read_json(os.path.join(out_dir, "config.json")).get("auto_map"))  # make_portable's
     front = ["---", "library_name: transformers", f"pipeline_tag: {meta.get('pipeline_tag') or family.pipeline_tag}"]
     if meta.get("license"):
         front.append(f"license: {meta['license']}")
@@ -372,7 +373,7 @@ def write_model_card(out_dir: str, meta: dict, *, name: str) -> None:
         "",
         "## Loading",
         "",
-        *_loading_text(family, name),
+        *_loading_text(family, name, remote_code=remote_code),
         "",
         "## Training settings",
         "",
@@ -393,18 +394,31 @@ def write_model_card(out_dir: str, meta: dict, *, name: str) -> None:
         json.dump(meta, fh, indent=2)
 
 
-def _loading_text(family, name: str) -> list[str]:
+def _loading_text(family, name: str, *, remote_code: bool) -> list[str]:
     repo = f"<this folder or your-user/{name}>"
-    if family.auto_class == "AutoModelForMaskedLM":  # native to transformers
+    sample = f'`dllm-trainer generate --model "{repo}" --prompt "..."`'
+    if family.auto_class == "AutoModelForCausalLM" and not remote_code:  # a2d: the base's own class
         return [
+            "The base causal LM's own format and class, with `\"is_causal\": false` in `config.json`:",
+            "transformers 5 builds it with bidirectional attention (transformers 4 may not honour that key).",
+            "",
             "```python",
-            "from transformers import AutoModelForMaskedLM, AutoTokenizer",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
             f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
-            f'model = AutoModelForMaskedLM.from_pretrained("{repo}")',
+            f'model = AutoModelForCausalLM.from_pretrained("{repo}", dtype="auto")',
             "```",
             "",
-            "Sample with the Diffusion LLM Trainer: "
-            f'`dllm-trainer generate --model "{repo}" --prompt "..."`.',
+            f"It is a masked diffusion model: sample by iterative unmasking with the Diffusion LLM Trainer, {sample}.",
+        ]
+    if not remote_code:  # native to transformers (masked-LM encoders)
+        return [
+            "```python",
+            f"from transformers import {family.auto_class}, AutoTokenizer",
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+            f'model = {family.auto_class}.from_pretrained("{repo}")',
+            "```",
+            "",
+            f"Sample with the Diffusion LLM Trainer: {sample}.",
         ]
     return [
         "Without the Diffusion LLM Trainer (transformers 4.57 or 5.x; the modeling code is in this folder):",
@@ -413,17 +427,17 @@ def _loading_text(family, name: str) -> list[str]:
         f"from transformers import {family.auto_class}, AutoTokenizer",
         f'tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)',
         f'model = {family.auto_class}.from_pretrained("{repo}", trust_remote_code=True, dtype="auto")',
-        "logits = model(**tokenizer(\"Hello\", return_tensors=\"pt\")).logits",
+        'logits = model(**tokenizer("Hello", return_tensors="pt")).logits',
         "```",
         "",
         "It is a masked diffusion model, not an autoregressive one: sample by iterative unmasking, e.g. "
         "with the Diffusion LLM Trainer (`pip install` it, then no remote code runs):",
         "",
         "```python",
-        "import dllm_trainer  # registers LLaDA and Dream with transformers",
+        "import dllm_trainer  # registers LLaDA, LLaDA-MoE and Dream with transformers",
         "from transformers import AutoModel",
         f'model = AutoModel.from_pretrained("{repo}")',
         "```",
         "",
-        f'or `dllm-trainer generate --model "{repo}" --prompt "..."`.',
+        f"or {sample}.",
     ]
