@@ -179,7 +179,7 @@ def test_load_errors(tmp_path, monkeypatch):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": broken\n')
-    with pytest.raises(DataError, match=r"could not read dataset file .*bad\.jsonl.*Expected valid"):
+    with pytest.raises(DataError, match=r"'bad\.jsonl' line 2: not valid JSON \(Expecting value at column 10\)$"):
         D.load_raw_dataset(str(bad))
     badpq = tmp_path / "bad.parquet"
     badpq.write_bytes(b"not a parquet file at all")
@@ -318,7 +318,7 @@ def test_chat_template_that_raises_is_a_data_error(tmp_path):
         "{% endif %}{{ m['content'] }}{% endfor %}"
     )
     src = write_jsonl(tmp_path / "d.jsonl", [{"messages": chat("q", "a", system="s")}])
-    with pytest.raises(DataError, match=r"^train row 0: the tokenizer's chat template failed.*System role not supported"):
+    with pytest.raises(DataError, match=r"^'d\.jsonl' line 1: the tokenizer's chat template failed.*System role not supported"):
         build(src, tok)
 
 
@@ -348,7 +348,7 @@ def test_plain_template_tiny_without_chat_template(tiny_plain):
     out = tok_row({"prompt": "Q?", "completion": "A"}, tiny_plain)
     assert out["input_ids"] == ids(tiny_plain, "Q?") + ids(tiny_plain, "A") + [2]
     assert out["prompt_len"] == 2
-    out = tok_row({"prompt": "Q?", "completion": "A"}, tiny_plain, instruction_template="Sys")
+    out = tok_row({"prompt": "Q?", "completion": "A"}, tiny_plain, system_prompt="Sys")
     assert tiny_plain.decode(out["input_ids"][: out["prompt_len"]]) == "system: Sys\nuser: Q?\nassistant:"
 
 
@@ -374,13 +374,13 @@ def test_templates_override_detection(tmp_path, tiny):
     assert p.train[0]["input_ids"] == ids(tiny, "<<hello>>") + [2] and p.train[0]["prompt_len"] == 0
 
 
-def test_instruction_template_system_message(tiny):
-    out = tok_row({"messages": chat("q", "a")}, tiny, instruction_template="SYS")
+def test_system_prompt_system_message(tiny):
+    out = tok_row({"messages": chat("q", "a")}, tiny, system_prompt="SYS")
     assert "<|system|>\nSYS\n<|user|>" in tiny.decode(out["input_ids"])
-    out = tok_row({"messages": chat("q", "a", system="own")}, tiny, instruction_template="SYS")
+    out = tok_row({"messages": chat("q", "a", system="own")}, tiny, system_prompt="SYS")
     decoded = tiny.decode(out["input_ids"])
     assert "own" in decoded and "SYS" not in decoded  # an existing system message is kept
-    out = tok_row({"text": "abc"}, tiny, instruction_template="SYS")
+    out = tok_row({"text": "abc"}, tiny, system_prompt="SYS")
     assert out["input_ids"] == ids(tiny, "abc") + [2]  # ignored for text rows
 
 
@@ -395,7 +395,7 @@ def test_instruction_template_system_message(tiny):
 )
 def test_template_sandbox_refuses_unsafe_access(tmp_path, tiny, template):
     src = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"^input_template: refused by the template sandbox"):
+    with pytest.raises(DataError, match=r"^'d\.jsonl' line 1: input_template: refused by the template sandbox"):
         build(src, tiny, input_template=template, output_template="{{ answer }}")
 
 
@@ -403,13 +403,17 @@ def test_template_errors(tmp_path, tiny):
     src = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(DataError, match=r"^output_template: template syntax error on line 1"):
         build(src, tiny, input_template="{{ question }}", output_template="{{ answer ")
-    with pytest.raises(DataError, match=r"^input_template: rendering failed: 'questoin' is undefined \(available columns: \['answer', 'question'\]\)"):
+    # a column the dataset does not have, next to one it has: named before any row is tokenised
+    with pytest.raises(DataError, match=r"^the Data Template does not fit dataset '.*d\.jsonl': input_template reads "
+                                        r"questoin, not among its columns \(answer, question\)"):
         build(src, tiny, input_template="{{ questoin }}", output_template="{{ answer }}")
     with pytest.raises(ConfigError, match=r"input_template needs an output_template"):
         build(src, tiny, input_template="{{ question }}")
-    # a later row failing inside the map names the row
+    with pytest.raises(ConfigError, match=r"instruction_template needs an output_template"):
+        build(src, tiny, instruction_template="Be brief")
+    # a later row failing inside the map names the file and line
     src2 = write_jsonl(tmp_path / "e.jsonl", [{"a": "x"}, {"a": None}])
-    with pytest.raises(DataError, match=r"^train row 1: output_template: rendering failed"):
+    with pytest.raises(DataError, match=r"^'e\.jsonl' line 2: output_template: rendering failed"):
         build(src2, tiny, output_template="{{ a.upper() }}")
 
 
@@ -447,7 +451,8 @@ def test_dropped_rows_counted_and_logged(tmp_path, tiny):
     assert p.stats.rows_in == 5 and p.stats.rows_out == 2 and p.stats.dropped_total == 3
     assert col(p.train, "sample_index") == [0, 1]
     assert len(logs) == 1
-    assert "5 rows -> train 2, eval 0 (none); dropped 3 (malformed 1, no_assistant_turn 1, no_trainable_tokens 1)" in logs[0]
+    assert ("5 rows -> train 2, eval 0 (none); dropped 3 (malformed 1: 'd.jsonl' line 4; no_assistant_turn 1: "
+            "'d.jsonl' line 2; no_trainable_tokens 1: 'd.jsonl' line 3)") in logs[0]
     # without prompt masking the long-prompt row still has trainable tokens
     p = build(src, tiny, max_length=40, mask_prompt_loss=False)
     assert p.stats.dropped == {"no_assistant_turn": 1, "malformed": 1}
@@ -461,7 +466,7 @@ def test_empty_text_rows_dropped(tmp_path, tiny):
 
 def test_all_rows_dropped_is_a_data_error(tmp_path, tiny):
     src = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a long prompt", "completion": "x"}] * 3)
-    with pytest.raises(DataError, match=r"all 3 training rows of '.*d\.jsonl' were dropped \(no_trainable_tokens 3\).*max_length=5"):
+    with pytest.raises(DataError, match=r"all 3 training rows of '.*d\.jsonl' were dropped \(no_trainable_tokens 3: 'd\.jsonl' line 1, 'd\.jsonl' line 2, 'd\.jsonl' line 3\).*max_length=5"):
         build(src, tiny, max_length=5)
 
 
@@ -528,3 +533,173 @@ def test_read_only_dataset_folder_caches_elsewhere(tmp_path, tiny, monkeypatch):
     p = build(tmp_path / "ro", tiny)
     assert p.train.num_rows == 3
     assert not any(f.name.startswith("cache-") for f in (tmp_path / "ro").iterdir())
+
+
+# ------------------------------------------------------------------------------------ Transformer Lab's data
+
+
+APP_TEMPLATE = {"instruction_template": "Instruction: {{instruction}}", "input_template": "{{input}}",
+                "output_template": "{{output}}"}  # what the app's Data Template tab sends for a new template
+
+
+@pytest.mark.parametrize("name, split", [
+    ("tiny_chat_train.jsonl", "train"), ("tiny_chat_eval.jsonl", "validation"), ("tiny_chat_test.jsonl", "test"),
+    ("tiny_chat_validation.jsonl", "validation"), ("my-data.dev.jsonl", "validation"), ("train.jsonl", "train"),
+    ("test_questions.jsonl", "test"), ("latest_questions_train.csv", "train"), ("contest2024.jsonl", "train"),
+    ("tiny_chat.jsonl", "train"), ("evaluation_set_training.jsonl", "train"),
+])
+def test_split_of_a_workspace_file(name, split):
+    assert D._split_of_file(Path(name)) == split
+
+
+def test_workspace_split_files_are_splits_and_nothing_is_held_out(tmp_path, tiny):
+    ds = tmp_path / "tiny_chat"
+    ds.mkdir()
+    (ds / "index.json").write_text(json.dumps({"dataset_id": "tiny_chat", "location": "local"}))
+    write_jsonl(ds / "tiny_chat_train.jsonl", qa(30))
+    write_jsonl(ds / "tiny_chat_eval.jsonl", qa(5, 100))
+    p = build(ds, tiny)
+    assert (p.train.num_rows, p.eval.num_rows, p.stats.eval_from) == (30, 5, "validation split")
+    questions = lambda d: sorted(tiny.decode(r).split("<|user|>\n")[1].split("?")[0] for r in col(d, "input_ids"))  # noqa: E731
+    assert questions(p.eval) == sorted(f"What is {i} plus 1" for i in range(100, 105))
+    assert questions(p.train) == sorted(f"What is {i} plus 1" for i in range(30))
+    # eval_strategy "no": no eval rows at all, neither the split nor a holdout
+    off = build(ds, tiny, evaluation=False)
+    assert (off.train.num_rows, off.eval, off.stats.eval_from) == (30, None, "none (evaluation off)")
+    single = write_jsonl(tmp_path / "d.jsonl", qa(20))
+    off = build(single, tiny, evaluation=False)
+    assert (off.train.num_rows, off.eval) == (20, None)
+
+
+def test_broken_rows_are_named_by_file_and_line(tmp_path):
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text('[\n  {"prompt": "a",\n   "completion": "b"},\n  {"prompt": "c", "completion": }\n]\n')
+    with pytest.raises(DataError, match=r"'pretty\.json' line 4: not valid JSON \(Expecting value at column 33\)"):
+        D.load_raw_dataset(str(pretty))
+    lines = tmp_path / "list.jsonl"
+    lines.write_text('{"prompt": "a", "completion": "b"}\n["not", "an", "object"]\n')
+    with pytest.raises(DataError, match=r"'list\.jsonl' line 2: a JSON list, expected one object of columns per line"):
+        D.load_raw_dataset(str(lines))
+    header = tmp_path / "header.csv"
+    header.write_text("prompt,completion\n\n")
+    with pytest.raises(DataError, match=r"'header\.csv' has only a header line \(prompt, completion\) and no data rows"):
+        D.load_raw_dataset(str(header))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "x_train.jsonl", qa(2))
+    (folder / "x_eval.jsonl").write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a" "completion": "b"}\n')
+    with pytest.raises(DataError, match=r"'x_eval\.jsonl' line 3: not valid JSON"):
+        D.load_raw_dataset(str(folder))
+
+
+def test_row_origins_name_file_and_line(tmp_path):
+    jl = tmp_path / "a.jsonl"
+    jl.write_text('{"text": "a"}\n\n   \n{"text": "b"}\n{"text": "c"}\n')
+    arr = tmp_path / "b.json"
+    arr.write_text('[\n {"text": "d"},\n\n {"text":\n  "e"}\n]')
+    csvf = tmp_path / "c.csv"
+    csvf.write_text('text,n\n"multi\nline",1\n\nplain,2\n')
+    origins = D.RowOrigins("train", (str(jl), str(arr), str(csvf)))
+    assert [origins.where(i) for i in range(7)] == [
+        "'a.jsonl' line 1", "'a.jsonl' line 4", "'a.jsonl' line 5", "'b.json' line 2", "'b.json' line 4",
+        "'c.csv' line 2", "'c.csv' line 5"]
+    assert origins.select([6, 0]).where(0) == "'c.csv' line 5"
+    assert D.RowOrigins("eval").select([3]).where(0) == "eval row 3"
+    # what datasets itself reads agrees with the counts
+    assert D.load_raw_dataset(str(jl))["train"].num_rows == 3 and D.load_raw_dataset(str(csvf))["train"].num_rows == 2
+
+
+def test_mixed_formats_in_one_file_are_named(tmp_path, tiny):
+    src = tmp_path / "mixed.jsonl"
+    src.write_text(json.dumps({"messages": chat("q", "a")}) + "\n"
+                   + json.dumps({"messages": chat("q2", "a2")}) + "\n"
+                   + json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    with pytest.raises(DataError, match=r"'mixed\.jsonl' line 3 is a 'prompt_completion' row \(prompt \+ completion/response\) "
+                                        r"but 'mixed\.jsonl' line 1 is a 'messages' row .*one row format per dataset"):
+        build(src, tiny)
+    # a column that is null in some rows is not a second format: those rows are dropped as empty
+    src2 = write_jsonl(tmp_path / "holes.jsonl", [{"text": "a"}, {"text": None, "note": "x"}, {"text": "b"}])
+    p = build(src2, tiny)
+    assert p.stats.dropped == {"empty": 1} and p.stats.dropped_at == {"empty": ["'holes.jsonl' line 2"]}
+
+
+def test_sharegpt_rows(tmp_path, tiny):
+    share = [{"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q?"},
+                                {"from": "gpt", "value": "A"}]}]
+    openai = [{"messages": chat("Q?", "A", system="S")}]
+    a = build(write_jsonl(tmp_path / "share.jsonl", share), tiny)
+    b = build(write_jsonl(tmp_path / "openai.jsonl", openai), tiny)
+    assert a.stats.format == "messages" and a.train[:] == b.train[:]
+    # human/gpt roles inside a messages column (role/content keys) are mapped too
+    c = build(write_jsonl(tmp_path / "roles.jsonl", [{"messages": [{"role": "human", "content": "Q?"},
+                                                                     {"role": "gpt", "content": "A"}]}]), tiny)
+    assert tiny.decode(c.train[0]["input_ids"]) == tiny.apply_chat_template(chat("Q?", "A"), tokenize=False)
+
+
+def test_openai_content_parts(tmp_path, tiny):
+    parts = [
+        {"messages": [{"role": "system", "content": "S"},  # a string beside part lists in one file
+                      {"role": "user", "content": [{"type": "text", "text": "Q"}, {"type": "text", "text": "?"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "A"}]}]},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}},
+                                                   {"type": "text", "text": "what is this?"}]},
+                      {"role": "assistant", "content": "a cat"}]},
+    ]
+    p = build(write_jsonl(tmp_path / "parts.jsonl", parts), tiny)
+    assert p.train.num_rows == 1
+    assert tiny.decode(p.train[0]["input_ids"]) == tiny.apply_chat_template(chat("Q?", "A", system="S"), tokenize=False)
+    assert p.stats.dropped == {"non_text_content": 1} and p.stats.dropped_at["non_text_content"] == ["'parts.jsonl' line 2"]
+
+
+def test_empty_completions_are_dropped_counted_and_named(tmp_path, tiny):
+    rows = [
+        {"prompt": "ok", "completion": "fine"},
+        {"prompt": "q", "completion": ""},
+        {"prompt": "q", "completion": "   "},
+        {"prompt": "q", "completion": None},
+        {"prompt": "ok2", "completion": "fine2"},
+    ]
+    logs = []
+    p = build(write_jsonl(tmp_path / "pc.jsonl", rows), tiny, log=logs.append)
+    assert p.train.num_rows == 2 and p.stats.dropped == {"empty_completion": 3}
+    assert "dropped 3 (empty_completion 3: 'pc.jsonl' line 2, 'pc.jsonl' line 3, 'pc.jsonl' line 4)" in logs[-1]
+    msgs = [{"messages": chat("q", "")}, {"messages": chat("q", "a")}]
+    assert build(write_jsonl(tmp_path / "m.jsonl", msgs), tiny).stats.dropped == {"empty_completion": 1}
+    alpaca = [{"instruction": "i", "input": "", "output": ""}, {"instruction": "i", "input": "", "output": "o"}]
+    assert build(write_jsonl(tmp_path / "al.jsonl", alpaca), tiny).stats.dropped == {"empty_completion": 1}
+    # more than three: the first three are named, then "..."
+    many = write_jsonl(tmp_path / "many.jsonl", [{"prompt": "q", "completion": ""}] * 4 + [{"prompt": "q", "completion": "a"}])
+    assert "empty_completion 4: 'many.jsonl' line 1, 'many.jsonl' line 2, 'many.jsonl' line 3, ..." in build(many, tiny).stats.summary()
+
+
+def test_app_data_template_on_an_alpaca_dataset(tmp_path, tiny):
+    rows = [{"instruction": "Summarize.", "input": "A long text.", "output": "Short."},
+            {"instruction": "Greet.", "input": "", "output": "Hi"}]
+    src = write_jsonl(tmp_path / "al.jsonl", rows)
+    p = build(src, tiny, **APP_TEMPLATE)
+    assert p.stats.format == "template"
+    # the rendered instruction is the system message, the rendered input the user message
+    want = [chat("A long text.", "Short.", system="Instruction: Summarize."), chat("", "Hi", system="Instruction: Greet.")]
+    assert [tiny.decode(r) for r in col(p.train, "input_ids")] == [tiny.apply_chat_template(m, tokenize=False) for m in want]
+    # our own system_prompt goes first
+    p = build(src, tiny, system_prompt="Be brief.", **APP_TEMPLATE)
+    assert tiny.decode(p.train[0]["input_ids"]).startswith("<|startoftext|><|system|>\nBe brief.\n\nInstruction: Summarize.\n<|user|>")
+
+
+def test_app_data_template_that_reads_no_column_of_the_dataset_is_not_used(tmp_path, tiny):
+    rows = [{"messages": chat(f"q{i}", f"a{i}")} for i in range(3)]
+    src = write_jsonl(tmp_path / "chat.jsonl", rows)
+    logs = []
+    p = build(src, tiny, log=logs.append, **APP_TEMPLATE)
+    assert p.stats.format == "messages" and p.train[:] == build(src, tiny).train[:]
+    assert logs[0] == (f"[dllm] the Data Template reads columns input, instruction, output, which dataset '{src}' does not "
+                       "have (its columns: messages); training on its rows as they are")
+    # a template that fits the columns is used
+    qa_src = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Q?", "answer": "A"}])
+    p = build(qa_src, tiny, instruction_template="", input_template="{{question}}", output_template="{{answer}}")
+    assert tiny.decode(p.train[0]["input_ids"]) == tiny.apply_chat_template(chat("Q?", "A"), tokenize=False)
+    # no known format and no column the template reads: one message with both
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"foo": "x"}])
+    with pytest.raises(DataError, match=r"cannot tell the dataset format from its columns \['foo'\].*the Data Template reads "
+                                        r"columns input, instruction, output, which it does not have"):
+        build(odd, tiny, **APP_TEMPLATE)

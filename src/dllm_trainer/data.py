@@ -8,14 +8,20 @@ Plain functions with explicit keyword arguments (no config object), so they can 
 Sources (``load_raw_dataset``)
     a folder written by ``datasets.save_to_disk`` (Dataset or DatasetDict); a folder of
     ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` files (a file named ``index.json``, which
-    Transformer Lab writes beside uploaded data, is ignored; files whose name starts with
-    ``test`` / ``validation`` / ``valid`` / ``val`` / ``dev`` / ``eval`` become the ``test`` /
-    ``validation`` split, the rest ``train``); one such file; otherwise a Hugging Face Hub
-    dataset id (``datasets.load_dataset(source, token=token)``).
+    Transformer Lab writes beside uploaded data, is ignored; the last split word in a file's
+    name decides its split, as in Transformer Lab's ``<name>_train.jsonl`` / ``<name>_eval.jsonl``:
+    ``test``/``testing`` -> ``test``, ``validation``/``valid``/``val``/``dev``/``eval``/
+    ``evaluation`` -> ``validation``, anything else ``train``); one such file; otherwise a
+    Hugging Face Hub dataset id (``datasets.load_dataset(source, token=token)``).
+    A file that cannot be read is named with its line and the reason (broken JSON line, an
+    empty file, a CSV with only a header); ``RowOrigins`` names the file and line of any row.
 
 Row formats (``detect_format``, first match wins)
-    ``messages``           a ``messages`` column: a list of ``{"role", "content"}`` dicts
-                           (a JSON string is accepted too). The LAST assistant message is the
+    ``messages``           a ``messages`` (or ShareGPT ``conversations``) column: a list of
+                           ``{"role", "content"}`` dicts (a JSON string is accepted too; ShareGPT
+                           ``{"from", "value"}`` with ``human``/``gpt`` become user/assistant;
+                           OpenAI content-part lists become their text parts joined; a non-text
+                           part drops the row). The LAST assistant message is the
                            response; everything before it is the prompt (earlier assistant turns
                            included); messages after it are ignored. No assistant turn -> dropped.
     ``prompt_completion``  ``prompt`` + ``completion`` (or ``response``). A list-of-messages
@@ -24,14 +30,21 @@ Row formats (``detect_format``, first match wins)
                            ``instruction`` or ``instruction + "\\n\\n" + input``.
     ``text``               ``text`` only: pretraining rows, no prompt, everything trainable.
 
-Templates (as Transformer Lab trainers offer)
-    ``input_template`` / ``output_template`` are Jinja strings rendered with the row's columns as
-    variables in a sandbox (``jinja2.sandbox.ImmutableSandboxedEnvironment``, undefined variables
-    are errors, ``None`` renders as ""). When given they override format detection: the rendered
-    input is the user message and the rendered output the assistant response. An
-    ``output_template`` alone renders a ``text`` row. ``instruction_template`` is a plain string
-    used as the system message (not added when a ``messages`` row already starts with one;
-    ignored for ``text`` rows).
+    One format per dataset: a row of another format (datasets unions the columns of a file whose
+    rows differ) is an error naming its file and line.
+
+Templates (Transformer Lab's alpaca Data Template: Instruction / Input / Output)
+    ``instruction_template`` / ``input_template`` / ``output_template`` are Jinja strings rendered
+    with the row's columns as variables in a sandbox (``jinja2.sandbox.ImmutableSandboxedEnvironment``,
+    undefined variables are errors, ``None`` renders as ""). When they fit the dataset
+    (``plan_templates``) they override format detection: the rendered instruction is the system
+    message ("usually the system message", as the app's Train modal says), the rendered input the
+    user message, the rendered output the response. ``output_template`` alone renders a ``text``
+    row. The app sends its defaults (``Instruction: {{instruction}}``, ``{{input}}``,
+    ``{{output}}``) with every job: a template that reads none of the dataset's columns is not
+    used when the dataset has a known format (logged); one that reads some missing columns is an
+    error. ``system_prompt`` is a plain system message put before every chat prompt (not added
+    when a ``messages`` row already starts with one; ignored for ``text`` rows).
 
 Tokenisation (``tokenize_example``)
     With a chat template: ``prompt = apply_chat_template(messages before the response,
@@ -59,13 +72,16 @@ Tokenisation (``tokenize_example``)
 
     Labels: ``-100`` on the first ``prompt_len`` tokens when ``mask_prompt_loss``, else a copy
     of ``input_ids``. Truncation: ``"right"`` cuts the end at ``max_length``; ``"filter"`` drops
-    rows longer than ``max_length``. Rows with no trainable label are dropped. Drop reasons:
-    ``empty`` (no text / missing response), ``no_assistant_turn``, ``malformed`` (messages that
-    are not a list of role/content dicts), ``too_long`` (filter mode), ``no_trainable_tokens``
-    (e.g. the prompt fills ``max_length``).
+    rows longer than ``max_length``. Rows with no trainable label are dropped. Drop reasons
+    (counted, and the first rows named by file and line in the summary): ``empty`` (no text /
+    no prompt), ``empty_completion`` (the response is missing or an empty string),
+    ``no_assistant_turn``, ``malformed`` (messages that are not a list of role/content dicts),
+    ``non_text_content`` (an image or other non-text content part), ``too_long`` (filter mode),
+    ``no_trainable_tokens`` (e.g. the prompt fills ``max_length``).
 
-Eval split (``build_datasets``)
-    The dataset's own ``test`` (else ``validation``) split when present; otherwise, when the
+Eval split (``plan_datasets``)
+    None at all with ``evaluation=False`` (eval_strategy "no"). Else the dataset's own ``test``
+    (else ``validation``) split when present (no row of train is held out); otherwise, when the
     training split has at least 10 rows, ``ceil(eval_fraction * rows)`` raw rows chosen with
     ``numpy.random.default_rng(seed)`` (before tokenisation, so the held-out set does not depend
     on the tokenizer or ``max_length``); otherwise no eval split. Train keeps its file order.
@@ -97,7 +113,13 @@ __all__ = [
     "DataStats",
     "PreparedData",
     "asset_path",
+    "RowOrigins",
+    "RawDataset",
+    "DataPlan",
+    "open_dataset",
     "load_raw_dataset",
+    "plan_datasets",
+    "plan_templates",
     "detect_format",
     "render_template",
     "row_to_example",
@@ -124,12 +146,16 @@ _ALLOWED_FORMATS = (
     "'instruction' + 'output' (+ optional 'input'); or 'text'"
 )
 _SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
     "test": "test",
+    "testing": "test",
     "validation": "validation",
     "valid": "validation",
     "val": "validation",
     "dev": "validation",
     "eval": "validation",
+    "evaluation": "validation",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -159,6 +185,15 @@ def _root_message(exc: BaseException) -> str:
     return messages[-1].splitlines()[0]
 
 
+def _hub_reason(exc: BaseException) -> str:
+    """datasets' offline message ("Dataset x is not cached in None") in words a user can act on."""
+    text = _root_message(exc)
+    if "is not cached in" in text or "Name or service not known" in text or "offline" in text.lower():
+        return ("it is not in the local Hugging Face datasets cache and the Hub cannot be reached "
+                "(offline, or HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set)")
+    return text
+
+
 def _as_dataset_dict(obj: Any) -> datasets.DatasetDict:
     if isinstance(obj, datasets.DatasetDict):
         return obj
@@ -177,12 +212,181 @@ def _saved_without_data(path: Path) -> bool:
 
 
 def _split_of_file(path: Path) -> str:
-    stem = path.name.split(".")[0].lower()
-    first = re.split(r"[-_ ]", stem)[0]
-    return _SPLIT_ALIASES.get(first, "train")
+    """The split a data file belongs to, from the LAST split word in its name, as Transformer Lab
+    names uploads (``<name>_train.jsonl``, ``<name>_eval.jsonl``) and as Hugging Face's own
+    folder loader does (``test``, ``validation``, ``dev``, ...); no split word: train."""
+    stem = path.name[: len(path.name) - len(path.suffix)].lower()
+    for word in reversed([w for w in re.split(r"[-_ .0-9]+", stem) if w]):
+        if word in _SPLIT_ALIASES:
+            return _SPLIT_ALIASES[word]
+    return "train"
 
 
-def _load_files(source: str, files: Sequence[Path]) -> datasets.DatasetDict:
+# ---- where a raw row came from (file and line), for messages about single rows ------------------
+
+
+def _json_is_array(path: str) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        while True:
+            chunk = fh.read(4096)
+            if not chunk:
+                return False
+            stripped = chunk.lstrip()
+            if stripped:
+                return stripped[0] == "["
+
+
+def _row_lines(path: str) -> list[int] | None:
+    """1-based line number of each row of one data file, in the order datasets reads them;
+    None when rows have no line (parquet)."""
+    kind = DATA_EXTENSIONS.get(Path(path).suffix.lower())
+    if kind == "json":
+        if _json_is_array(path):
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+            decoder, pos, lines = json.JSONDecoder(), text.index("[") + 1, []
+            while True:
+                while pos < len(text) and text[pos] in " \t\r\n,":
+                    pos += 1
+                if pos >= len(text) or text[pos] == "]":
+                    return lines
+                lines.append(text.count("\n", 0, pos) + 1)
+                try:
+                    _, pos = decoder.raw_decode(text, pos)
+                except ValueError:
+                    return lines
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return [n for n, line in enumerate(fh, 1) if line.strip()]  # blank lines hold no row
+    if kind == "csv":
+        import csv
+
+        with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+            reader = csv.reader(fh)
+            lines, header = [], False
+            while True:
+                start = reader.line_num + 1
+                try:
+                    record = next(reader)
+                except StopIteration:
+                    return lines
+                except csv.Error:
+                    return lines
+                if not record or not any(cell.strip() for cell in record):
+                    continue  # pandas skips blank lines
+                if header:
+                    lines.append(start)
+                header = True
+    return None
+
+
+@lru_cache(maxsize=64)
+def _row_lines_cached(path: str, mtime: float, size: int) -> tuple[list[int] | None, int]:
+    lines = _row_lines(path)
+    if lines is None:
+        import pyarrow.parquet as pq
+
+        return None, pq.ParquetFile(path).metadata.num_rows
+    return lines, len(lines)
+
+
+@dataclass(frozen=True)
+class RowOrigins:
+    """Where the rows of one split came from, to name a row's file and line in messages.
+
+    ``files``: the split's data files in the order datasets read them (empty for a saved or Hub
+    dataset: rows are then named by index); ``rows``: for a split that is a selection (the eval
+    holdout), the raw row index of each of its rows."""
+
+    split: str
+    files: tuple[str, ...] = ()
+    rows: tuple[int, ...] | None = None
+
+    def select(self, indices: Sequence[int]) -> "RowOrigins":
+        base = self.rows
+        picked = tuple(base[i] for i in indices) if base is not None else tuple(int(i) for i in indices)
+        return RowOrigins(self.split, self.files, picked)
+
+    def where(self, index: int) -> str:
+        raw = self.rows[index] if self.rows is not None else index
+        for path in self.files:
+            try:
+                st = os.stat(path)
+                lines, count = _row_lines_cached(path, st.st_mtime, st.st_size)
+            except (OSError, ValueError):
+                break
+            if raw < count:
+                name = os.path.basename(path)
+                return f"'{name}' line {lines[raw]}" if lines is not None else f"'{name}' row {raw + 1}"
+            raw -= count
+        return f"{self.split} row {self.rows[index] if self.rows is not None else index}"
+
+
+def _diagnose_file(path: str) -> str | None:
+    """The first row-level reason a data file cannot be read ("'f.jsonl' line 7: ..."), or None."""
+    name = os.path.basename(path)
+    kind = DATA_EXTENSIONS.get(Path(path).suffix.lower())
+    try:
+        if kind == "json":
+            text = Path(path).read_text(encoding="utf-8")
+            if not text.strip():
+                return f"'{name}' is empty"
+            if text.lstrip()[0] == "[":
+                try:
+                    items = json.loads(text)
+                except json.JSONDecodeError as e:
+                    return f"'{name}' line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
+                bad = next((i for i, item in enumerate(items) if not isinstance(item, dict)), None)
+                if bad is not None:
+                    return f"'{name}' item {bad + 1}: a JSON {type(items[bad]).__name__}, expected an object of columns"
+                return None if items else f"'{name}' holds an empty list (no rows)"
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"'{name}' line {n}: not valid JSON ({e.msg} at column {e.colno})"
+                if not isinstance(row, dict):
+                    return f"'{name}' line {n}: a JSON {type(row).__name__}, expected one object of columns per line"
+            return None
+        if kind == "csv":
+            if not Path(path).read_text(encoding="utf-8").strip():
+                return f"'{name}' is empty"
+            lines = _row_lines(path)
+            if lines == []:
+                import csv
+
+                with open(path, encoding="utf-8", newline="") as fh:
+                    header = next(csv.reader(fh), [])
+                return f"'{name}' has only a header line ({', '.join(header)}) and no data rows"
+            return None
+    except UnicodeDecodeError as e:
+        return f"'{name}' is not UTF-8 text (byte {e.start})"
+    except OSError as e:
+        return f"'{name}' cannot be read ({e.strerror or e})"
+    return None
+
+
+def _no_rows_problem(path: str) -> str | None:
+    """Cheap check (reads at most a few lines): an empty file, or a CSV with only its header."""
+    name = os.path.basename(path)
+    if DATA_EXTENSIONS.get(Path(path).suffix.lower()) not in ("json", "csv"):
+        return None
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+            head = [line for _, line in zip(range(1000), fh) if line.strip()][:2]
+    except OSError as e:
+        return f"'{name}' cannot be read ({e.strerror or e})"
+    if not head:
+        return f"'{name}' is empty"
+    if DATA_EXTENSIONS.get(Path(path).suffix.lower()) == "csv" and len(head) == 1:
+        import csv
+
+        header = next(csv.reader([head[0]]), [])
+        return f"'{name}' has only a header line ({', '.join(h.strip() for h in header)}) and no data rows"
+    return None
+
+
+def _load_files(source: str, files: Sequence[Path]) -> tuple[datasets.DatasetDict, dict[str, tuple[str, ...]]]:
     builders = {DATA_EXTENSIONS[f.suffix.lower()] for f in files}
     if len(builders) > 1:
         names = ", ".join(sorted(f.name for f in files))
@@ -195,29 +399,45 @@ def _load_files(source: str, files: Sequence[Path]) -> datasets.DatasetDict:
         data_files.setdefault(_split_of_file(f), []).append(str(f))
     if "train" not in data_files:  # e.g. only test.jsonl: train on it
         data_files = {"train": [str(f) for f in sorted(files)]}
+    for paths in data_files.values():  # a file with no rows fails the whole load with an obscure message
+        for p in paths:
+            problem = _no_rows_problem(p)
+            if problem:
+                raise DataError(f"dataset {source!r}: {problem}")
     try:
-        return datasets.load_dataset(builders.pop(), data_files=data_files)
+        dd = datasets.load_dataset(builders.pop(), data_files=data_files)
     except Exception as exc:  # noqa: BLE001 - any reader failure is a user data problem
+        for paths in data_files.values():
+            for p in paths:
+                problem = _diagnose_file(p)
+                if problem:
+                    raise DataError(f"dataset {source!r}: {problem}") from None
         names = ", ".join(sorted(f.name for f in files))
+        what = "dataset file" if len(files) == 1 else "dataset"
         raise DataError(
-            f"could not read dataset {source!r} ({names}): {_root_message(exc)}. "
+            f"could not read {what} {source!r} ({names}): {_root_message(exc)}. "
             "Expected valid .json (a list of objects or JSON lines), .jsonl, .csv or .parquet"
         ) from None
+    return dd, {split: tuple(paths) for split, paths in data_files.items()}
 
 
-def load_raw_dataset(
-    source: str, *, split: str | None = None, token: str | None = None
-) -> datasets.DatasetDict:
-    """Load ``source`` as a DatasetDict (a single Dataset becomes ``{"train": ...}``).
+@dataclass
+class RawDataset:
+    """A loaded dataset: its splits (``train`` plus ``test``/``validation`` when present) and where
+    each split's rows came from."""
 
-    With ``split``, that split becomes ``"train"``; the ``test``/``validation`` splits (other than
-    ``split``) are kept for evaluation, every other split is dropped. Raises DataError (never a
-    traceback) for a missing path, unreadable/corrupt file, unknown split or empty dataset.
-    """
+    source: str
+    splits: datasets.DatasetDict
+    origins: dict[str, RowOrigins]
+
+
+def open_dataset(source: str, *, split: str | None = None, token: str | None = None) -> RawDataset:
+    """Load ``source`` (see ``load_raw_dataset``), remembering the data file of each row."""
     if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
         raise DataError(f"no dataset given; expected {_ALLOWED_SOURCES}")
     source = str(source).strip()
     path = Path(source).expanduser()
+    files: dict[str, tuple[str, ...]] = {}
 
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -231,7 +451,7 @@ def load_raw_dataset(
                     "Expected an intact datasets.save_to_disk folder"
                 ) from None
         else:
-            files = [
+            found = [
                 f
                 for f in path.iterdir()
                 if f.is_file()
@@ -239,28 +459,20 @@ def load_raw_dataset(
                 and f.name.lower() not in IGNORED_FILES
                 and not f.name.startswith(".")
             ]
-            if not files:
+            if not found:
                 raise DataError(
                     f"dataset folder {source!r} holds no .json/.jsonl/.csv/.parquet data file "
                     f"({', '.join(sorted(IGNORED_FILES))} is ignored) and is not a "
                     "datasets.save_to_disk folder"
                 )
-            dd = _load_files(source, files)
+            dd, files = _load_files(source, found)
     elif path.is_file():
         if path.suffix.lower() not in DATA_EXTENSIONS:
             raise DataError(
                 f"dataset file {source!r} has an unsupported type {path.suffix or '(none)'!r}; "
                 "allowed: .json, .jsonl, .csv, .parquet"
             )
-        try:
-            dd = datasets.load_dataset(
-                DATA_EXTENSIONS[path.suffix.lower()], data_files={"train": [str(path)]}
-            )
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(
-                f"could not read dataset file {source!r}: {_root_message(exc)}. "
-                "Expected valid .json (a list of objects or JSON lines), .jsonl, .csv or .parquet"
-            ) from None
+        dd, files = _load_files(source, [path])
     else:
         looks_local = (
             path.is_absolute()
@@ -275,16 +487,32 @@ def load_raw_dataset(
         except Exception as exc:  # noqa: BLE001 - offline, missing, gated, ...
             raise DataError(
                 f"dataset {source!r} is not a local file or folder, and loading it from the "
-                f"Hugging Face Hub failed: {_root_message(exc)}. Expected {_ALLOWED_SOURCES}"
+                f"Hugging Face Hub failed: {_hub_reason(exc)}. Expected {_ALLOWED_SOURCES}"
             ) from None
 
-    dd = _select_splits(dd, source, split)
+    dd, names = _select_splits(dd, source, split)
     if dd["train"].num_rows == 0:
         raise DataError(f"dataset {source!r} is empty (0 rows in its training split)")
-    return dd
+    origins = {new: RowOrigins(new, files.get(old, ())) for new, old in names.items()}
+    return RawDataset(source, dd, origins)
 
 
-def _select_splits(dd: datasets.DatasetDict, source: str, split: str | None) -> datasets.DatasetDict:
+def load_raw_dataset(
+    source: str, *, split: str | None = None, token: str | None = None
+) -> datasets.DatasetDict:
+    """Load ``source`` as a DatasetDict (a single Dataset becomes ``{"train": ...}``).
+
+    With ``split``, that split becomes ``"train"``; the ``test``/``validation`` splits (other than
+    ``split``) are kept for evaluation, every other split is dropped. Raises DataError (never a
+    traceback) for a missing path, unreadable/corrupt file (naming the file and line), unknown
+    split or empty dataset.
+    """
+    return open_dataset(source, split=split, token=token).splits
+
+
+def _select_splits(
+    dd: datasets.DatasetDict, source: str, split: str | None
+) -> tuple[datasets.DatasetDict, dict[str, str]]:
     names = list(dd.keys())
     if split:
         if split not in dd:
@@ -299,33 +527,85 @@ def _select_splits(dd: datasets.DatasetDict, source: str, split: str | None) -> 
             f"dataset {source!r} has no 'train' split and several others {names}; "
             "choose one with the split setting"
         )
-    out = {"train": dd[train_name]}
+    picked = {"train": train_name}
     for name in EVAL_SPLITS:
         if name in dd and name != train_name:
-            out[name] = dd[name]
-    return datasets.DatasetDict(out)
+            picked[name] = name
+    return datasets.DatasetDict({new: dd[old] for new, old in picked.items()}), picked
 
 
 # --------------------------------------------------------------------------------------------
 # Format detection and templates
 # --------------------------------------------------------------------------------------------
 
+# The columns that make a row one of the FORMATS (each inner tuple: alternatives, any one).
+# ``conversations`` is ShareGPT's name for the message list.
+_KEY_COLUMNS = {
+    "messages": (("messages", "conversations"),),
+    "prompt_completion": (("prompt",), ("completion", "response")),
+    "alpaca": (("instruction",), ("output",)),
+    "text": (("text",),),
+}
+
 
 def detect_format(column_names: Sequence[str]) -> str:
     """``"messages"``, ``"prompt_completion"``, ``"alpaca"`` or ``"text"``; else DataError."""
     cols = set(column_names)
-    if "messages" in cols:
-        return "messages"
-    if "prompt" in cols and ({"completion", "response"} & cols):
-        return "prompt_completion"
-    if {"instruction", "output"} <= cols:
-        return "alpaca"
-    if "text" in cols:
-        return "text"
+    for fmt in FORMATS:
+        if all(cols & set(alternatives) for alternatives in _KEY_COLUMNS[fmt]):
+            return fmt
     raise DataError(
         f"cannot tell the dataset format from its columns {sorted(cols)}; expected {_ALLOWED_FORMATS}, "
-        "or set input_template/output_template"
+        "or a Data Template (input_template/output_template) over its columns"
     )
+
+
+def _row_formats(ds: datasets.Dataset) -> np.ndarray:
+    """For each row, the index in FORMATS of the first format whose key columns the row fills
+    (non-null), or -1 (an empty row). datasets gives a file whose rows have different key sets the
+    union of the columns, with nulls where a row has no such key."""
+    cols = set(ds.column_names)
+    needed = sorted({c for fmt in FORMATS for alts in _KEY_COLUMNS[fmt] for c in alts if c in cols})
+    out = np.full(ds.num_rows, -1, dtype=np.int64)
+    if not needed or ds.num_rows == 0:
+        return out
+    table = ds.select_columns(needed).with_format("arrow")[:]
+    valid = {c: pc.is_valid(table[c]).to_numpy(zero_copy_only=False) for c in needed}
+    none = np.zeros(ds.num_rows, dtype=bool)
+    for k in range(len(FORMATS) - 1, -1, -1):  # first format wins: assign the last one first
+        ok = np.ones(ds.num_rows, dtype=bool)
+        for alternatives in _KEY_COLUMNS[FORMATS[k]]:
+            present = [valid[c] for c in alternatives if c in valid]
+            ok &= np.logical_or.reduce(present) if present else none
+        out[ok] = k
+    return out
+
+
+def split_format(ds: datasets.Dataset, origins: "RowOrigins", source: str) -> str:
+    """The row format of one split; DataError naming the file and line of the first row whose
+    format differs from the first row's (one format per dataset)."""
+    kinds = _row_formats(ds)
+    filled = np.flatnonzero(kinds >= 0)
+    if filled.size == 0:
+        try:
+            return detect_format(ds.column_names)
+        except DataError as exc:
+            raise DataError(f"dataset {source!r}, split {origins.split!r}: {exc}") from None
+    first = int(filled[0])
+    fmt = FORMATS[kinds[first]]
+    other = filled[kinds[filled] != kinds[first]]
+    if other.size:
+        row = int(other[0])
+        raise DataError(
+            f"dataset {source!r}: {origins.where(row)} is a '{FORMATS[kinds[row]]}' row "
+            f"({_format_keys(FORMATS[kinds[row]])}) but {origins.where(first)} is a '{fmt}' row "
+            f"({_format_keys(fmt)}); use one row format per dataset"
+        )
+    return fmt
+
+
+def _format_keys(fmt: str) -> str:
+    return " + ".join("/".join(alts) for alts in _KEY_COLUMNS[fmt])
 
 
 @lru_cache(maxsize=1)
@@ -349,6 +629,61 @@ def _compile(template: str, field_name: str):
         return _jinja_env().from_string(template)
     except TemplateSyntaxError as exc:
         raise DataError(f"{field_name}: template syntax error on line {exc.lineno}: {exc.message}") from None
+
+
+def template_columns(template: str, field_name: str = "template") -> set[str]:
+    """The row columns a template reads (its free variables, without Jinja's globals)."""
+    from jinja2 import TemplateSyntaxError, meta
+
+    env = _jinja_env()
+    try:
+        names = meta.find_undeclared_variables(env.parse(template))
+    except TemplateSyntaxError as exc:
+        raise DataError(f"{field_name}: template syntax error on line {exc.lineno}: {exc.message}") from None
+    return set(names) - set(env.globals)
+
+
+TEMPLATE_FIELDS = ("instruction_template", "input_template", "output_template")
+
+
+def plan_templates(templates: Mapping[str, str | None], columns: Sequence[str], *, source: str,
+                   has_format: bool) -> tuple[bool, str | None]:
+    """Whether the Data Template (Transformer Lab's alpaca fields) defines the rows: (use, note).
+
+    The app sends all three fields with every job, by default ``Instruction: {{instruction}}`` /
+    ``{{input}}`` / ``{{output}}``, whatever the dataset's columns. So: a template whose columns are
+    all in the dataset is used; one that reads none of the dataset's columns while the dataset has
+    a known row format (e.g. the defaults on a chat dataset) is not used, and ``note`` says so; a
+    template that reads some existing and some missing columns is an error naming them."""
+    given = {name: t for name, t in templates.items() if t}
+    if not given.get("output_template"):
+        if given:
+            raise ConfigError(
+                f"{' and '.join(sorted(given))} {'needs' if len(given) == 1 else 'need'} an output_template too "
+                "(the response to train on)"
+            )
+        return False, None
+    cols = set(columns)
+    wanted = {name: template_columns(t, name) for name, t in given.items()}
+    used = set().union(*wanted.values())
+    missing = {name: sorted(v - cols) for name, v in wanted.items() if v - cols}
+    if not missing:
+        return True, None
+    if not used & cols and not has_format:
+        raise DataError(
+            f"dataset '{source}': cannot tell the dataset format from its columns {sorted(cols)}; expected "
+            f"{_ALLOWED_FORMATS}; and the Data Template reads columns {', '.join(sorted(used))}, which it does not have"
+        )
+    if not used & cols:
+        return False, (
+            f"[dllm] the Data Template reads columns {', '.join(sorted(used))}, which dataset '{source}' does "
+            f"not have (its columns: {', '.join(sorted(cols))}); training on its rows as they are"
+        )
+    detail = "; ".join(f"{name} reads {', '.join(v)}" for name, v in sorted(missing.items()))
+    raise DataError(
+        f"the Data Template does not fit dataset '{source}': {detail}, not among its columns "
+        f"({', '.join(sorted(cols))}); use {{{{column}}}} names from that list"
+    )
 
 
 def render_template(template: str, row: Mapping[str, Any], *, field_name: str = "template") -> str:
@@ -398,26 +733,63 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
-def _normalize_messages(value: Any) -> list[dict[str, str]] | None:
+# ShareGPT's speaker names; other roles are passed on as they are.
+_ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
+
+
+def _content_text(content: Any) -> str | None:
+    """A message's text: a string, or an OpenAI content-part list whose text parts are joined
+    (as chat templates render them). None when the content is not text (e.g. an image part)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            else:
+                return None
+        return "".join(parts)
+    return None
+
+
+def _normalize_messages(value: Any) -> list[dict[str, str]] | str:
+    """The messages as ``[{"role", "content": str}]``, or a drop reason. Accepts OpenAI
+    ``role``/``content`` (content may be a list of parts) and ShareGPT ``from``/``value``."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError:
-            return None
+            return "malformed"
     if not isinstance(value, (list, tuple)):
-        return None
+        return "malformed"
     out = []
     for msg in value:
-        if not isinstance(msg, Mapping) or not isinstance(msg.get("role"), str):
-            return None
-        content = msg.get("content")
-        if content is not None and not isinstance(content, str):
-            return None
-        out.append({"role": msg["role"], "content": content or ""})
+        if not isinstance(msg, Mapping):
+            return "malformed"
+        role = msg.get("role") if msg.get("role") is not None else msg.get("from")
+        content = msg.get("content") if "content" in msg and msg.get("content") is not None else msg.get("value")
+        if not isinstance(role, str):
+            return "malformed"
+        text = _content_text(content)
+        if text is None:
+            return "non_text_content"
+        out.append({"role": _ROLE_ALIASES.get(role, role), "content": text})
     return out
 
 
-def _chat(prompt: str, response: str, system: str | None) -> Example:
+def _system(*parts: str | None) -> str | None:
+    text = "\n\n".join(p for p in parts if p and p.strip())
+    return text or None
+
+
+def _chat(prompt: str, response: str | None, system: str | None) -> Example:
+    if response is None or not response.strip():
+        return _drop("empty_completion")
     msgs = [{"role": "system", "content": system}] if system else []
     msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     return Example(kind="chat", messages=msgs)
@@ -430,28 +802,39 @@ def row_to_example(
     input_template: str | None = None,
     output_template: str | None = None,
     instruction_template: str | None = None,
+    system_prompt: str | None = None,
 ) -> Example:
-    """Normalise one raw row (``fmt`` from ``detect_format``; ignored when templates are given)."""
-    system = instruction_template or None
+    """Normalise one raw row (``fmt`` from ``detect_format``; ignored when templates are given).
+
+    Templates (Transformer Lab's Data Template, Jinja over the row's columns): the rendered
+    ``instruction_template`` is the system message (after ``system_prompt``), ``input_template``
+    the user message, ``output_template`` the response. ``output_template`` alone: a text row."""
     if output_template:
         response = render_template(output_template, row, field_name="output_template")
-        if not input_template:
+        if not input_template and not instruction_template:
             return Example(kind="text", text=response) if response.strip() else _drop("empty")
-        prompt = render_template(input_template, row, field_name="input_template")
-        return _chat(prompt, response, system)
-    if input_template:
-        raise ConfigError("input_template needs an output_template too (the response to train on)")
+        instruction = render_template(instruction_template, row, field_name="instruction_template") if instruction_template else ""
+        prompt = render_template(input_template, row, field_name="input_template") if input_template else ""
+        return _chat(prompt, response, _system(system_prompt, instruction))
+    if input_template or instruction_template:
+        raise ConfigError("input_template and instruction_template need an output_template too (the response to train on)")
+    system = _system(system_prompt)
 
     if fmt == "text":
         text = _str(row.get("text"))
         return Example(kind="text", text=text) if text and text.strip() else _drop("empty")
     if fmt == "messages":
-        msgs = _normalize_messages(row.get("messages"))
-        if msgs is None:
-            return _drop("malformed")
+        raw = row.get("messages") if row.get("messages") is not None else row.get("conversations")
+        if raw is None:
+            return _drop("empty")
+        msgs = _normalize_messages(raw)
+        if isinstance(msgs, str):
+            return _drop(msgs)
         last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
         if last is None:
             return _drop("no_assistant_turn")
+        if not msgs[last]["content"].strip():
+            return _drop("empty_completion")
         msgs = msgs[: last + 1]
         if system and msgs[0]["role"] != "system":
             msgs = [{"role": "system", "content": system}] + msgs
@@ -464,17 +847,19 @@ def row_to_example(
             if isinstance(completion, (list, tuple)):
                 tail = _normalize_messages(completion)
             else:
-                tail = None if completion is None else [{"role": "assistant", "content": _str(completion)}]
-            if msgs is None or tail is None:
-                return _drop("malformed" if completion is not None else "empty")
-            return row_to_example({"messages": msgs + tail}, "messages", instruction_template=instruction_template)
+                text = _str(completion)
+                tail = [{"role": "assistant", "content": text}] if text is not None else "empty_completion"
+            for part in (msgs, tail):
+                if isinstance(part, str):
+                    return _drop(part)
+            return row_to_example({"messages": msgs + tail}, "messages", system_prompt=system_prompt)
         prompt, completion = _str(prompt), _str(completion)
-        if completion is None or prompt is None:
+        if prompt is None:
             return _drop("empty")
         return _chat(prompt, completion, system)
     if fmt == "alpaca":
         instruction, inp, output = _str(row.get("instruction")), _str(row.get("input")), _str(row.get("output"))
-        if instruction is None or output is None:
+        if instruction is None:
             return _drop("empty")
         prompt = f"{instruction}\n\n{inp}" if inp and inp.strip() else instruction
         return _chat(prompt, output, system)
@@ -556,6 +941,7 @@ def tokenize_example(
     input_template: str | None = None,
     output_template: str | None = None,
     instruction_template: str | None = None,
+    system_prompt: str | None = None,
 ) -> dict[str, Any]:
     """Tokenise one raw row.
 
@@ -571,6 +957,7 @@ def tokenize_example(
         input_template=input_template,
         output_template=output_template,
         instruction_template=instruction_template,
+        system_prompt=system_prompt,
     )
     if ex.kind == "drop":
         return _dropped(ex.drop_reason)
@@ -625,13 +1012,14 @@ class DataStats:
     rows_in: int  # raw rows, train + eval
     train_rows: int
     eval_rows: int
-    eval_from: str  # "test split" | "validation split" | "10% holdout, seed 42" | "none"
+    eval_from: str  # "test split" | "validation split" | "10% holdout, seed 42" | "none" | "none (evaluation off)"
     dropped: dict[str, int]  # reason -> rows (train + eval)
     truncated: int  # rows cut by truncation="right"
     template_fallback: int  # rows where the chat-template prompt was not a token prefix
     mean_tokens: float  # over kept train rows
     max_tokens: int
     max_length: int | None
+    dropped_at: dict[str, list[str]] = field(default_factory=dict)  # reason -> where the first such rows are
 
     @property
     def rows_out(self) -> int:
@@ -647,7 +1035,12 @@ class DataStats:
         return {**asdict(self), "rows_out": self.rows_out, "dropped_total": self.dropped_total}
 
     def summary(self) -> str:
-        dropped = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
+        parts = []
+        for reason, count in sorted(self.dropped.items()):
+            where = self.dropped_at.get(reason) or []
+            more = ", ..." if count > len(where) else ""
+            parts.append(f"{reason} {count}" + (f": {', '.join(where)}{more}" if where else ""))
+        dropped = "; ".join(parts) or "none"
         return (
             f"data: {self.source} [{self.format}]: {self.rows_in} rows -> train {self.train_rows}, "
             f"eval {self.eval_rows} ({self.eval_from}); dropped {self.dropped_total} ({dropped}); "
@@ -663,6 +1056,23 @@ class PreparedData:
     stats: DataStats
 
 
+@dataclass
+class DataPlan:
+    """Everything about a dataset that is known without a tokenizer (``plan_datasets``): the rows
+    of each split, their format and origin, the eval split's source, notes for the log."""
+
+    source: str
+    train: datasets.Dataset
+    train_origins: RowOrigins
+    fmt: str
+    eval: datasets.Dataset | None
+    eval_origins: RowOrigins | None
+    eval_fmt: str
+    eval_from: str
+    templated: bool
+    notes: list[str] = field(default_factory=list)
+
+
 _FEATURES = datasets.Features(
     {
         "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -673,13 +1083,14 @@ _FEATURES = datasets.Features(
         "template_fallback": datasets.Value("bool"),
     }
 )
+_DROP_EXAMPLES = 3  # rows named per drop reason in the summary
 
 
-def _map_row(row: dict, index: int, split_name: str, **kwargs) -> dict[str, Any]:
+def _map_row(row: dict, index: int, origins: RowOrigins, **kwargs) -> dict[str, Any]:
     try:
         return tokenize_example(row, **kwargs)
     except DataError as exc:
-        raise DataError(f"{split_name} row {index}: {exc}") from None
+        raise DataError(f"{origins.where(index)}: {exc}") from None
 
 
 def _writable(directory: str) -> bool:
@@ -697,8 +1108,8 @@ def _cache_file_name(ds: datasets.Dataset, name: str) -> str | None:
 
 
 def _tokenize_split(
-    ds: datasets.Dataset, name: str, tokenizer, fmt: str, num_proc: int, opts: dict
-) -> tuple[datasets.Dataset, Counter, int, int]:
+    ds: datasets.Dataset, name: str, origins: RowOrigins, tokenizer, fmt: str, num_proc: int, opts: dict
+) -> tuple[datasets.Dataset, Counter, int, int, dict[str, list[str]]]:
     num_proc = num_proc if num_proc and num_proc > 1 and ds.num_rows > 1 else None
     if num_proc:
         num_proc = min(num_proc, ds.num_rows)
@@ -706,7 +1117,7 @@ def _tokenize_split(
         _map_row,
         cache_file_name=_cache_file_name(ds, name),
         with_indices=True,
-        fn_kwargs={"split_name": name, "tokenizer": tokenizer, "fmt": fmt, **opts},
+        fn_kwargs={"origins": origins, "tokenizer": tokenizer, "fmt": fmt, **opts},
         remove_columns=ds.column_names,
         features=_FEATURES,
         num_proc=num_proc,
@@ -715,6 +1126,10 @@ def _tokenize_split(
     info = mapped.select_columns(["drop_reason", "truncated", "template_fallback"])[:]
     reasons = info["drop_reason"]
     dropped = Counter(r for r in reasons if r)
+    dropped_at: dict[str, list[str]] = {}
+    for i, r in enumerate(reasons):
+        if r and len(dropped_at.setdefault(r, [])) < _DROP_EXAMPLES:
+            dropped_at[r].append(origins.where(i))
     keep = [i for i, r in enumerate(reasons) if not r]
     truncated = sum(info["truncated"])
     fallback = sum(info["template_fallback"])
@@ -722,16 +1137,75 @@ def _tokenize_split(
     kept = kept.remove_columns(["drop_reason", "truncated", "template_fallback"])
     kept = kept.flatten_indices() if len(keep) != mapped.num_rows else kept
     kept = kept.add_column("sample_index", list(range(kept.num_rows)))
-    return kept, dropped, truncated, fallback
+    return kept, dropped, truncated, fallback, dropped_at
 
 
-def _split_format(ds: datasets.Dataset, source: str, name: str, templated: bool) -> str:
-    if templated:
-        return "template"
+def plan_datasets(
+    source: str,
+    *,
+    input_template: str | None = None,
+    output_template: str | None = None,
+    instruction_template: str | None = None,
+    seed: int = 42,
+    split: str | None = None,
+    eval_fraction: float = 0.1,
+    evaluation: bool = True,
+    token: str | None = None,
+) -> DataPlan:
+    """Find, load and check ``source`` without a tokenizer (so a missing or malformed dataset fails
+    before any model is loaded): splits, row format (one per dataset; the file and line of the
+    first row that differs), the Data Template against the columns, the eval split.
+
+    ``evaluation=False`` (eval_strategy "no"): no eval rows at all, neither a split nor a holdout.
+    An eval split of the dataset (``test``/``validation``, e.g. ``<name>_eval.jsonl``) is used as
+    it is; rows are held out of train only when the dataset has none."""
+    if not 0 <= eval_fraction < 1:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}")
+    templates = {"instruction_template": instruction_template or None, "input_template": input_template or None,
+                 "output_template": output_template or None}
+    for name, tmpl in templates.items():
+        if tmpl:
+            _compile(tmpl, name)  # syntax errors surface before any work
+
+    raw = open_dataset(source, split=split, token=token)
+    train_raw, train_origins = raw.splits["train"], raw.origins["train"]
     try:
-        return detect_format(ds.column_names)
-    except DataError as exc:
-        raise DataError(f"dataset {source!r}, split {name!r}: {exc}") from None
+        detect_format(train_raw.column_names)
+        has_format = True
+    except DataError:
+        has_format = False
+    templated, note = plan_templates(templates, train_raw.column_names, source=source, has_format=has_format)
+    notes = [note] if note else []
+    fmt = "template" if templated else split_format(train_raw, train_origins, source)
+
+    eval_name = next((n for n in EVAL_SPLITS if n in raw.splits), None)
+    eval_raw = eval_origins = None
+    eval_fmt = fmt
+    if not evaluation:
+        eval_from = "none (evaluation off)"
+    elif eval_name is not None:
+        eval_raw, eval_origins = raw.splits[eval_name], raw.origins[eval_name]
+        eval_fmt = "template" if templated else split_format(eval_raw, eval_origins, source)
+        eval_from = f"{eval_name} split"
+    elif eval_fraction > 0 and train_raw.num_rows >= MIN_ROWS_FOR_HOLDOUT:
+        n = train_raw.num_rows
+        n_eval = max(1, math.ceil(eval_fraction * n))
+        perm = np.random.default_rng(seed).permutation(n)
+        eval_idx, train_idx = sorted(perm[:n_eval].tolist()), sorted(perm[n_eval:].tolist())
+        eval_raw, eval_origins = train_raw.select(eval_idx), train_origins.select(eval_idx)
+        train_raw, train_origins = train_raw.select(train_idx), train_origins.select(train_idx)
+        eval_from = f"{eval_fraction:.0%} holdout, seed {seed}"
+    else:
+        eval_from = "none"
+
+    if templated and train_raw.num_rows:  # render the first row here for a clean early error
+        try:
+            row_to_example(train_raw[0], fmt, **{k: v for k, v in templates.items()})
+        except DataError as exc:
+            raise DataError(f"{train_origins.where(0)}: {exc}") from None
+    return DataPlan(source=source, train=train_raw, train_origins=train_origins, fmt=fmt, eval=eval_raw,
+                    eval_origins=eval_origins, eval_fmt=eval_fmt, eval_from=eval_from, templated=templated,
+                    notes=notes)
 
 
 def build_datasets(
@@ -744,98 +1218,82 @@ def build_datasets(
     input_template: str | None = None,
     output_template: str | None = None,
     instruction_template: str | None = None,
+    system_prompt: str | None = None,
     num_proc: int = 1,
     seed: int = 42,
     split: str | None = None,
     eval_fraction: float = 0.1,
+    evaluation: bool = True,
     token: str | None = None,
+    plan: DataPlan | None = None,
     log: Callable[[str], Any] | None = print,
 ) -> PreparedData:
-    """Load, format, tokenise and split ``source``; see the module docstring for the rules."""
+    """Load, format, tokenise and split ``source``; see the module docstring for the rules.
+    ``plan``: the result of ``plan_datasets`` for the same arguments (not loaded again)."""
     if truncation not in TRUNCATION_MODES:
         raise ConfigError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     if not isinstance(max_length, int) or max_length < 1:
         raise ConfigError(f"max_length must be a positive integer, got {max_length!r}")
-    if not 0 <= eval_fraction < 1:
-        raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}")
-    input_template = input_template or None
-    output_template = output_template or None
-    instruction_template = instruction_template or None
-    if input_template and not output_template:
-        raise ConfigError("input_template needs an output_template too (the response to train on)")
-    for name, tmpl in (("input_template", input_template), ("output_template", output_template)):
-        if tmpl:
-            _compile(tmpl, name)  # syntax errors surface before any work
-
-    raw = load_raw_dataset(source, split=split, token=token)
-    train_raw = raw["train"]
-    eval_name = next((n for n in EVAL_SPLITS if n in raw), None)
-    templated = bool(output_template)
-    fmt = _split_format(train_raw, source, "train", templated)
-    if eval_name is not None:
-        eval_raw = raw[eval_name]
-        eval_fmt = _split_format(eval_raw, source, eval_name, templated)
-        eval_from = f"{eval_name} split"
-    elif eval_fraction > 0 and train_raw.num_rows >= MIN_ROWS_FOR_HOLDOUT:
-        n = train_raw.num_rows
-        n_eval = max(1, math.ceil(eval_fraction * n))
-        perm = np.random.default_rng(seed).permutation(n)
-        eval_raw = train_raw.select(sorted(perm[:n_eval].tolist()))
-        train_raw = train_raw.select(sorted(perm[n_eval:].tolist()))
-        eval_fmt = fmt
-        eval_from = f"{eval_fraction:.0%} holdout, seed {seed}"
-    else:
-        eval_raw, eval_fmt, eval_from = None, fmt, "none"
-
-    if templated and train_raw.num_rows:  # render the first row here for a clean early error
-        first = train_raw[0]
-        if input_template:
-            render_template(input_template, first, field_name="input_template")
-        render_template(output_template, first, field_name="output_template")
-
+    if plan is None:
+        plan = plan_datasets(source, input_template=input_template, output_template=output_template,
+                             instruction_template=instruction_template, seed=seed, split=split,
+                             eval_fraction=eval_fraction, evaluation=evaluation, token=token)
+    if log is not None:
+        for note in plan.notes:
+            log(note)
     opts = dict(
         max_length=max_length,
         truncation=truncation,
         mask_prompt_loss=mask_prompt_loss,
-        input_template=input_template,
-        output_template=output_template,
-        instruction_template=instruction_template,
+        input_template=(input_template or None) if plan.templated else None,
+        output_template=(output_template or None) if plan.templated else None,
+        instruction_template=(instruction_template or None) if plan.templated else None,
+        system_prompt=system_prompt or None,
     )
+    train_raw, eval_raw = plan.train, plan.eval
     rows_in = train_raw.num_rows + (eval_raw.num_rows if eval_raw is not None else 0)
-    train, dropped, truncated, fallback = _tokenize_split(train_raw, "train", tokenizer, fmt, num_proc, opts)
+    train, dropped, truncated, fallback, dropped_at = _tokenize_split(
+        train_raw, "train", plan.train_origins, tokenizer, plan.fmt, num_proc, opts
+    )
     eval_ds = None
     if eval_raw is not None:
-        eval_ds, e_dropped, e_trunc, e_fallback = _tokenize_split(
-            eval_raw, "eval", tokenizer, eval_fmt, num_proc, opts
+        eval_ds, e_dropped, e_trunc, e_fallback, e_at = _tokenize_split(
+            eval_raw, "eval", plan.eval_origins, tokenizer, plan.eval_fmt, num_proc, opts
         )
         dropped += e_dropped
         truncated += e_trunc
         fallback += e_fallback
+        for reason, where in e_at.items():
+            dropped_at[reason] = (dropped_at.get(reason, []) + where)[:_DROP_EXAMPLES]
         if eval_ds.num_rows == 0:
             eval_ds = None
 
     if train.num_rows == 0:
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()))
+        reasons = "; ".join(
+            f"{k} {v}" + (f": {', '.join(dropped_at[k])}" if dropped_at.get(k) else "") for k, v in sorted(dropped.items())
+        )
         raise DataError(
             f"all {train_raw.num_rows} training rows of {source!r} were dropped ({reasons}): "
-            f"they are empty or have no trainable token after truncation to max_length={max_length}"
+            f"they are empty, have an empty response, or have no trainable token after truncation to "
+            f"max_length={max_length}"
             + (" (truncation='filter' drops rows longer than max_length)" if truncation == "filter" else "")
         )
 
     lengths = pc.list_value_length(train.with_format("arrow")[:]["input_ids"]).to_numpy()
     stats = DataStats(
         source=source,
-        format=fmt,
+        format=plan.fmt,
         rows_in=rows_in,
         train_rows=train.num_rows,
         eval_rows=eval_ds.num_rows if eval_ds is not None else 0,
-        eval_from=eval_from if eval_ds is not None else "none",
+        eval_from=plan.eval_from if eval_ds is not None or plan.eval is None else "none",
         dropped=dict(dropped),
         truncated=truncated,
         template_fallback=fallback,
         mean_tokens=float(np.mean(lengths)),
         max_tokens=int(max(lengths)),
         max_length=max_length,
+        dropped_at=dropped_at,
     )
     if log is not None:
         log(stats.summary())
