@@ -224,7 +224,7 @@ def test_specific_ranges_in_messages():
     reject(r"warmup_ratio.*<= 1", warmup_ratio="1.5")
     reject(r"noise_eps.*<= 0.5", noise_eps=0.6)
     reject(r"lora_dropout.*<= 0.9", lora_dropout=0.95)
-    reject(r"max_length.*>= 8", max_length=4)
+    reject(r"max_length must be >= 0", max_length=-1)
 
 
 @pytest.mark.parametrize("name,good,bad", [("lora_r", [4, 8, 64, "16"], [6, 30, "10"]),
@@ -418,6 +418,31 @@ def test_app_keys_accepted():
     cfg = make(**tl_keys, batch_size="3")
     assert cfg.batch_size == 3
     make(**{k: "x" for k in APP_KEYS})
+
+
+def test_the_apps_job_config_is_accepted_as_sent(tmp_path):
+    """The config transformerlab-app v0.30.3 writes for a job of this plugin (TrainingModalLoRA.tsx's form,
+    the Data Template tab's alpaca fields, the task's inputs/outputs, run_job's additions): every key is
+    known (strict mode accepts it, so the plugin prints no "ignoring config keys" note) and the Data
+    Template fields keep the app's meaning, apart from our own system_prompt."""
+    sent = {
+        "template_name": "fluffy-panda", "plugin_name": "dllm_trainer", "model_name": "/ws/models/all-MiniLM-L6-v2",
+        "model_architecture": "BertModel", "foundation_model_file_path": "/ws/models/all-MiniLM-L6-v2",
+        "embedding_model": "", "embedding_model_architecture": "", "embedding_model_file_path": "",
+        "instruction_template": "Instruction: {{instruction}}", "input_template": "{{input}}",
+        "output_template": "{{output}}", "dataset_name": "tiny_chat", "type": "LoRA", "chatml_formatted_column": "",
+        "run_sweeps": False, "sweep_config": "{}", "apply_chat_template": True, "chat_column": "messages",
+        "formatting_chat_template": "{{ messages }}", "adaptor_name": "dllm-adaptor", "job_id": "3",
+        "adaptor_output_dir": "/ws/adaptors/_ws_models_all-MiniLM-L6-v2/dllm-adaptor",
+        "output_dir": "/ws/experiments/alpha/tensorboards/fluffy-panda", "batch_size": "4", "max_length": "0",
+        "system_prompt": "",
+    }
+    cfg = TrainConfig.from_dict(sent)
+    assert (cfg.instruction_template, cfg.input_template, cfg.output_template) == (
+        "Instruction: {{instruction}}", "{{input}}", "{{output}}")
+    assert cfg.system_prompt == "" and cfg.max_length == 0
+    form = {f.name for f in form_fields()}
+    assert "system_prompt" in form and not form & {"instruction_template", "input_template", "output_template"}
 
 
 # ------------------------------------------------------------------------------ config files

@@ -163,7 +163,7 @@ def test_the_launch_command_is_an_argument_list_that_carries_no_user_text(tmp_pa
     nasty = "x; touch /tmp/pwned_dllm $(touch /tmp/pwned_dllm2) `id`"
     cfg = TrainConfig.from_dict({"model_name": f"/models/{nasty}", "dataset_name": f"/data/{nasty}.jsonl",
                                  "output_dir": str(tmp_path / nasty), "train_device": "cpu", "num_processes": 2,
-                                 "instruction_template": nasty, "sample_prompts": nasty})
+                                 "system_prompt": nasty, "instruction_template": nasty, "sample_prompts": nasty})
     config_json = str(tmp_path / nasty / "dllm_config.json")
     plan = launcher.build_launch(cfg, config_json, gpu_count=0)
     assert isinstance(plan.argv, list) and all(isinstance(a, str) for a in plan.argv)
@@ -185,7 +185,7 @@ def test_a_job_full_of_shell_syntax_and_secrets_runs_none_of_it_and_leaks_nothin
     cfg = {"model_name": str(llada_dir), "dataset_name": str(data), "output_dir": str(out), "training_method": "llada",
            "train_device": "cpu", "lora": True, "lora_r": 4, "lora_alpha": 8, "batch_size": 4, "max_length": 64,
            "num_train_epochs": 0, "train_steps": 3, "save_steps": 2, "logging_steps": 1, "eval_steps": 2,
-           "log_to_wandb": True, "adaptor_name": "sec-test", "instruction_template": "$(id);`id`",
+           "log_to_wandb": True, "adaptor_name": "sec-test", "system_prompt": "$(id);`id`",
            }
     job = tmp_path / "job.json"
     job.write_text(json.dumps(cfg))

@@ -31,8 +31,14 @@ APP_KEYS = frozenset(
         "formatting_chat_template", "chat_column", "sweep_config", "run_sweeps", "sweep_metric",
         "lower_is_better", "_config", "input_file", "dataset", "model", "plugin_name",
         "model_path", "model_filename", "description", "name",
+        # the Train modal's hidden fields and Data Template switches (transformerlab-app v0.30.x)
+        "foundation_model_file_path", "embedding_model_file_path", "chatml_formatted_column",
+        "apply_chat_template", "formatting_chat_template",
     }
 )
+
+# max_length 0 (the default): the model's own limit (max_position_embeddings), at most this.
+MAX_LENGTH_AUTO_CAP = 1024
 
 _CART_RE = re.compile(r"^cart\[geo_p:([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\]$")
 _ADAPTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -71,7 +77,7 @@ class TrainConfig:
     # ---- batch and sequence ------------------------------------------------------------------
     batch_size: int = _f(4, "Batch size", "Per-device micro-batch size.", minimum=1, maximum=4096)
     gradient_accumulation_steps: int = _f(1, "Gradient accumulation steps", "Micro-batches per optimizer step; the loss is normalised over all of them.", minimum=1, maximum=4096)
-    max_length: int = _f(1024, "Max sequence length", "Rows are truncated (or filtered) to this many tokens.", minimum=8, maximum=1048576)
+    max_length: int = _f(0, "Max sequence length", "Rows are truncated (or filtered) to this many tokens. 0: the model's own limit (its maximum positions), at most 1024. A value above the model's positions is an error.", minimum=0, maximum=1048576)
     truncation: str = _f("right", "Truncation", "right: cut the end of long rows; filter: drop rows longer than max_length.", enum=["right", "filter"])
     pack_sequences: bool = _f(False, "Pack sequences", "Padding-free packing: several rows per sequence with block-diagonal attention (llada/dream).")
     group_by_length: bool = _f(True, "Group by length", "Batch rows of similar length together to reduce padding (when not packing).")
@@ -96,8 +102,8 @@ class TrainConfig:
     warmup_ratio: float = _f(0.1, "Warmup ratio", "Fraction of optimizer steps spent warming up.", minimum=0.0, maximum=1.0)
     weight_decay: float = _f(0.0, "Weight decay", "AdamW weight decay.", minimum=0.0, maximum=1.0)
     max_grad_norm: float = _f(1.0, "Max gradient norm", "Gradient clipping norm (0 disables clipping).", minimum=0.0, maximum=10000.0)
-    num_train_epochs: int = _f(1, "Epochs", "Passes over the data; 0 means train for train_steps optimizer steps.", minimum=0, maximum=10000)
-    train_steps: int = _f(100, "Training steps", "Optimizer steps to train when Epochs is 0.", minimum=1, maximum=100000000)
+    num_train_epochs: int = _f(1, "Epochs", "Passes over the data; 0 means train for train_steps optimizer steps instead (the log says which one sets the length).", minimum=0, maximum=10000)
+    train_steps: int = _f(100, "Training steps", "Optimizer steps to train when Epochs is 0 (ignored otherwise).", minimum=1, maximum=100000000)
     seed: int = _f(42, "Seed", "Seed for initialisation, data order and the mask noise.", minimum=0, maximum=2147483647)
 
     # ---- logging, evaluation, checkpoints --------------------------------------------------------
@@ -127,9 +133,12 @@ class TrainConfig:
 
     # ---- data -------------------------------------------------------------------------------
     num_proc: int = _f(1, "Data processes", "Processes for tokenising the dataset.", minimum=1, maximum=128)
-    input_template: str = _f("", "Input template", "Optional Jinja template for the prompt, rendered with the row (e.g. {{instruction}}).")
-    output_template: str = _f("", "Output template", "Optional Jinja template for the response (e.g. {{output}}).")
-    instruction_template: str = _f("", "System message", "Optional system message put before the prompt.")
+    system_prompt: str = _f("", "System prompt", "Optional system message put before every prompt (rows that already start with one keep theirs).")
+    # Transformer Lab's own Data Template tab (training_template_format "alpaca") sends these three:
+    # Jinja over the dataset's columns. See data.py for how they apply.
+    instruction_template: str = _f("", "Instruction template", "Data Template: Jinja rendered with the row; the system message (e.g. Summarize: {{instruction}}).", form=False)
+    input_template: str = _f("", "Input template", "Data Template: Jinja rendered with the row; the user message (e.g. {{input}}).", form=False)
+    output_template: str = _f("", "Output template", "Data Template: Jinja rendered with the row; the response trained on (e.g. {{output}}).", form=False)
 
     # ---- samples during training -----------------------------------------------------------------
     sample_prompts: str = _f("", "Sample prompts", "Prompts (one per line) generated from during training and logged to TensorBoard and the job log.")
@@ -138,7 +147,7 @@ class TrainConfig:
     sample_steps: int = _f(64, "Sample steps", "Diffusion steps per sample.", minimum=1, maximum=8192)
 
     # ---- outputs -------------------------------------------------------------------------------
-    adaptor_name: str = _f("dllm-adaptor", "Adaptor name", "Name of the LoRA adaptor and of the fused model (letters, digits, '.', '_', '-').", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    adaptor_name: str = _f("dllm-adaptor", "Adaptor name", "Name of the LoRA adaptor and of the fused model (letters, digits, '.', '_', '-'). When it is taken (e.g. the same template queued again), the run uses the next free name-2, name-3, ... and says so in the log.", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -361,7 +370,7 @@ def manifest_parameters() -> tuple[dict, dict]:
         entry.update(f.metadata["schema"])
         params[f.name] = entry
         ui[f.name] = {"ui:help": f.metadata["help"]}
-        if _field_type(f) is str and f.name.endswith("_template") or f.name == "sample_prompts":
+        if _field_type(f) is str and f.name.endswith("_template") or f.name in ("sample_prompts", "system_prompt"):
             ui[f.name]["ui:widget"] = "textarea"
     return params, ui
 
