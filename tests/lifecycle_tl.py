@@ -19,9 +19,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from werkzeug.utils import secure_filename  # the app's own rule for folder names
+
 REPO = Path(__file__).resolve().parents[1]
 HARNESS = Path(__file__).resolve().parent / "lifecycle_harness.py"
 PLUGIN_ID = "dllm_trainer"
+# What the Data Template tab (TrainingModalDataTemplatingTab.tsx, training_template_format "alpaca")
+# sends for a new template: its textareas' default values.
+APP_DATA_TEMPLATE = {"instruction_template": "Instruction: {{instruction}}", "input_template": "{{input}}",
+                     "output_template": "{{output}}"}
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
@@ -47,8 +53,13 @@ class Job:
     job_id: str
     experiment: str
     input_file: str
-    output_dir: str
+    output_dir: str  # what the app sets: <experiment>/tensorboards/<template_name>, shared by the template's jobs
     adaptor_output_dir: str
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the plugin keeps this job's files: its own folder below output_dir."""
+        return Path(self.output_dir) / f"job_{self.job_id}"
 
 
 @dataclass
@@ -81,23 +92,35 @@ class Workspace:
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     def create_job(self, experiment: str, form: dict, *, model_name: str, dataset_name: str,
-                   template_name: str = "dllm-template", adaptor_name: str = "dllm-adaptor") -> Job:
-        """What the app does for a LoRA train job: create the job, fill in the app's keys, write the input file."""
+                   template_name: str = "dllm-template", adaptor_name: str = "dllm-adaptor",
+                   model_architecture: str = "BertModel", data_template: dict | None = None) -> Job:
+        """What the app does for a LoRA train job (transformerlab-app v0.30.3): the Train modal's form
+        (TrainingModalLoRA.tsx: hidden fields, the Data Template tab's alpaca fields with their
+        defaults for a new template, the plugin form's values as strings), the task's inputs/outputs
+        merged in when queued (routers/tasks.py), then job_id, adaptor_output_dir and output_dir
+        added when it runs (shared.py run_job), written to <workspace>/temp/plugin_input_<job>.json."""
         info = self.sdk("create_job", experiment=experiment)
         job_id = str(info["job_id"])
         exp_dir = Path(info["experiment_dir"])
         config = {k: (v if isinstance(v, str) else json.dumps(v) if isinstance(v, bool) else str(v))
-                  for k, v in form.items()}  # the app sends form values as strings
+                  for k, v in form.items()}  # the plugin form's values come back as strings
         config.update(
-            plugin_name=PLUGIN_ID,
             template_name=template_name,
-            model_name=model_name,
-            model_architecture="BertModel",
+            plugin_name=PLUGIN_ID,
+            model_name=model_name,  # the experiment's foundation_filename (a path) or foundation (an id)
+            model_architecture=model_architecture,
+            foundation_model_file_path=model_name if ("/" in model_name and os.path.isabs(model_name)) else "",
+            embedding_model="",
+            embedding_model_architecture="",
+            embedding_model_file_path="",
+            **(APP_DATA_TEMPLATE if data_template is None else data_template),
             dataset_name=dataset_name,
-            adaptor_name=adaptor_name,
             type="LoRA",
+            chatml_formatted_column="",
+            run_sweeps=False,
+            adaptor_name=adaptor_name,
             job_id=job_id,
-            adaptor_output_dir=str(self.workspace / "adaptors" / model_name.replace("/", "_") / adaptor_name),
+            adaptor_output_dir=str(self.workspace / "adaptors" / secure_filename(model_name) / adaptor_name),
             output_dir=str(exp_dir / "tensorboards" / template_name),
         )
         temp = self.workspace / "temp"
@@ -139,16 +162,22 @@ class Workspace:
                 time.sleep(0.1)
         raise AssertionError(f"cannot read {path}")
 
-    def add_dataset(self, name: str, rows: list[dict], *, location: str = "local", filename: str | None = None) -> Path:
+    def add_dataset(self, name: str, rows: list[dict], *, location: str = "local", filename: str | None = None,
+                    files: dict[str, list[dict]] | None = None) -> Path:
+        """An uploaded dataset: <workspace>/datasets/<name>/ with the uploaded files and the index.json
+        the app writes (routers/data.py: dataset_new + fileupload). `files`: several files by name,
+        e.g. {"<name>_train.jsonl": rows, "<name>_eval.jsonl": rows}."""
         d = self.workspace / "datasets" / name
         d.mkdir(parents=True, exist_ok=True)
+        files = files or {filename or f"{name}.jsonl": rows}
         (d / "index.json").write_text(json.dumps({"dataset_id": name, "location": location, "description": "",
-                                                  "size": -1, "json_data": {}}))
-        (d / (filename or f"{name}.jsonl")).write_text("".join(json.dumps(r) + "\n" for r in rows))
+                                                  "size": -1, "json_data": {"files": sorted(files)}}))
+        for fname, frows in files.items():
+            (d / fname).write_text("".join(json.dumps(r) + "\n" for r in frows))
         return d
 
     def add_model(self, name: str, source: Path) -> Path:
-        """A local model as the app keeps it: the weights (linked here) next to an index.json."""
+        """A model stored in the workspace (downloaded or trained): the weights (linked here) next to an index.json."""
         d = self.workspace / "models" / name
         d.mkdir(parents=True, exist_ok=True)
         for f in source.iterdir():
@@ -157,6 +186,32 @@ class Workspace:
         (d / "index.json").write_text(json.dumps({"model_id": name, "name": name, "local_model": True,
                                                   "json_data": {"architecture": "BertModel", "source": "local"}}))
         return d
+
+    def import_local_model(self, source: Path, folder: str = "my_models") -> tuple[str, str]:
+        """The app's local import (GET /model/import_from_local_path, models/filesystemmodel.py): the model
+        stays where it is (a folder inside the workspace), <workspace>/models/<basename>/index.json records
+        its path in json_data.model_filename / source_id_or_path. Returns (model id, what the Train tab
+        sends as model_name): the experiment's foundation_filename, which MainAppPanel.tsx sets to the
+        model list's local_path = <workspace>/models/<id> (a folder holding only index.json)."""
+        model_path = self.workspace / folder / source.name
+        model_path.mkdir(parents=True, exist_ok=True)
+        for f in source.iterdir():
+            if f.is_file():
+                (model_path / f.name).symlink_to(f)
+        config = json.loads((source / "config.json").read_text())
+        model_id = source.name
+        json_data = {
+            "uniqueID": model_id, "model_filename": str(model_path), "name": model_id, "description": "",
+            "architecture": (config.get("architectures") or [""])[0], "formats": [], "source": "local",
+            "source_id_or_path": str(model_path), "huggingface_repo": "", "parameters": "", "context": "",
+            "license": "", "logo": "", "private": False, "gated": False, "model_type": "", "library_name": "",
+            "transformers_version": "", "context_size": config.get("max_position_embeddings", ""),
+            "quantization": config.get("quantization", {}),
+        }
+        entry = self.workspace / "models" / model_id
+        entry.mkdir(parents=True, exist_ok=True)
+        (entry / "index.json").write_text(json.dumps({"model_id": model_id, "name": model_id, "json_data": json_data}))
+        return model_id, str(entry)
 
     def add_team_secret(self, name: str, value: str) -> None:
         path = self.workspace / "team_secrets.json"

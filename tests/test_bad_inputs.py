@@ -65,6 +65,11 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     txt.write_text("hello\n")
     bad_json = root / "broken.jsonl"
     bad_json.write_text('{"text": "ok"}\n{"text": broken\n')
+    mixed = root / "mixed_formats.jsonl"
+    mixed.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n\n"
+                     + json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
+    header_only = root / "header_only.csv"
+    header_only.write_text("prompt,completion\n")
     a_file = root / "a-file"
     a_file.write_text("not a folder")
     broken_ckpt = root / "checkpoint-4"
@@ -72,7 +77,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     (broken_ckpt / "trainer_state.json").write_text("{garbage")
     return dict(root=root, llada=llada, empty_model=empty_model, no_weights=no_weights, corrupt=corrupt, gpt2=gpt2, t5=t5,
                 no_mask=no_mask, far_mask=far_mask, model_file=model_file, empty_data=empty_data, odd=odd, long_prompts=long_prompts,
-                txt=txt, bad_json=bad_json, a_file=a_file, broken_ckpt=broken_ckpt)
+                txt=txt, bad_json=bad_json, a_file=a_file, broken_ckpt=broken_ckpt, mixed_formats=mixed,
+                header_only=header_only)
 
 
 def base_config(inputs, out: Path) -> dict:
@@ -144,22 +150,31 @@ CASES = [
     ({"model_name": "@model_file"}, ["model-file.safetensors' is a file; give the model's folder"], "model-is-a-file"),
     ({"model_name": "@no_mask", "_unextendable": True}, ["no-mask' has no mask token and cannot be extended"], "tokenizer-without-mask-not-extendable"),
     ({"model_name": "@far_mask"}, ["far-mask'", "mask_token_id 126336", "vocabulary of 512"], "mask-id-outside-vocabulary"),
-    ({"max_length": 512}, ["max_length (512) exceeds the model's maximum positions (256)"], "max-length-beyond-positions"),
+    ({"max_length": 512}, ["max_length (512) exceeds the model's maximum positions (256)", "or 0 for the model's own limit"],
+     "max-length-beyond-positions"),
     ({"dataset_name": "@root/no-such-data.jsonl"}, ["dataset '", "no-such-data.jsonl' not found"], "dataset-missing"),
     ({"dataset_name": "@empty_data"}, ["empty.jsonl", "empty"], "dataset-empty"),
     ({"dataset_name": "@odd"}, ["odd_columns.jsonl", "cannot tell the dataset format", "'foo'", "'messages'"], "dataset-unknown-columns"),
     ({"dataset_name": "@long_prompts", "max_length": 16}, ["training rows of", "long_prompts.jsonl", "were dropped", "max_length=16"], "dataset-rows-truncate-to-nothing"),
     ({"dataset_name": "@txt"}, ["data.txt", "unsupported type '.txt'", ".jsonl"], "dataset-unsupported-file-type"),
-    ({"dataset_name": "@bad_json"}, ["broken.jsonl", "could not read dataset file"], "dataset-corrupt-json"),
+    ({"dataset_name": "@bad_json"}, ["'broken.jsonl' line 2: not valid JSON (Expecting value at column 10)"], "dataset-corrupt-json"),
+    ({"dataset_name": "@mixed_formats"}, ["'mixed_formats.jsonl' line 3 is a 'messages' row (messages/conversations)",
+                                          "line 1 is a 'prompt_completion' row", "use one row format per dataset"],
+     "dataset-mixed-formats"),
+    ({"dataset_name": "@header_only"}, ["'header_only.csv' has only a header line (prompt, completion) and no data rows"],
+     "dataset-csv-header-only"),
+    ({"input_template": "{{ messages }} {{ question }}", "output_template": "{{ answer }}"},
+     ["the Data Template does not fit dataset", "input_template reads question", "output_template reads answer",
+      "not among its columns (messages)"], "template-reads-missing-columns"),
     ({"dataset_split": "nope"}, ["has no split 'nope'", "['train']"], "dataset-missing-split"),
     ({"input_template": "{{ instruction "}, ["input_template"], "template-syntax-error"),
     ({"input_template": "{{ instruction }}"}, ["input_template needs an output_template"], "template-without-output"),
+    ({"instruction_template": "Summarize:", "input_template": "{{ instruction }}"},
+     ["input_template and instruction_template need an output_template"], "data-template-without-output"),
     ({"adaptor_name": ""}, ["adaptor_name must be a single safe name"], "adaptor-name-empty"),
     ({"adaptor_name": "/"}, ["adaptor_name must be a single safe name", "no path separators"], "adaptor-name-slash"),
     ({"adaptor_name": ".."}, ["adaptor_name must be a single safe name", "'..'"], "adaptor-name-dotdot"),
     ({"adaptor_name": "../../etc"}, ["adaptor_name must be a single safe name"], "adaptor-name-traversal"),
-    ({"adaptor_name": "taken"}, ["a model named 'taken' already exists"], "adaptor-name-used-model"),
-    ({"adaptor_name": "taken-adaptor"}, ["an adaptor named 'taken-adaptor' already exists"], "adaptor-name-used-adaptor"),
     ({"output_dir": "@a_file/out"}, ["output_dir '", "a-file/out' is not a writable folder", "Not a directory"], "output-dir-under-a-file"),
     ({"output_dir": "/proc/dllm-test-out"}, ["output_dir '/proc/dllm-test-out' is not a writable folder"], "output-dir-unwritable"),
     ({"resume_from_checkpoint": "@root/checkpoint-99"}, ["resume_from_checkpoint '", "checkpoint-99' is not a checkpoint folder"], "resume-path-missing"),

@@ -3,14 +3,15 @@ the harness's way of running the plugin) and standalone.
 
 End-to-end (slow): a LoRA job that completes (TensorBoard, metrics.json, a fused model in the
 Foundation tab whose logits equal base + adaptor), a job that fails in the worker (FAILED with the
-worker's reason), a job whose name is taken (FAILED before training), and a stopped job (STOPPED
-with a checkpoint). Fast: the app's own checks with a fake reporter, W&B settings, main.py import.
+worker's reason), a template queued twice (the second job takes the next free model name), and a
+stopped job (STOPPED with a checkpoint, resumed by a new job). Fast: the app's own checks with a fake reporter, W&B settings, main.py import.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -73,22 +74,36 @@ def all_text_under(*roots: Path) -> str:
 
 @pytest.mark.slow
 def test_tl_lora_job_completes_with_a_fused_model_in_the_foundation_tab(tmp_path, minilm):
-    # a team workspace, an uploaded dataset, a local model, a W&B key in the team secrets but no
+    # a team workspace; a dataset uploaded as <name>_train.jsonl + <name>_eval.jsonl; a plain BertModel
+    # checkpoint (512 positions) imported with the app's local import; the form's defaults for
+    # max_length and the app's Data Template defaults; a W&B key in the team secrets but no
     # reachable W&B server (so: offline, and the key must not leak anywhere)
     ws = Workspace.create(tmp_path, org="team-a", WANDB_BASE_URL="http://127.0.0.1:9")
-    ws.add_dataset("tiny_chat", chat_rows())
-    ws.add_model("minilm", minilm)
+    rows = chat_rows()
+    ws.add_dataset("tiny_chat", [], files={"tiny_chat_train.jsonl": rows[:-6], "tiny_chat_eval.jsonl": rows[-6:]})
+    model_id, sent_as = ws.import_local_model(minilm)
     ws.add_team_secret("WANDB_API_KEY", FAKE_KEY)
-    job = ws.create_job("exp1", small_form(log_to_wandb=True), model_name="minilm", dataset_name="tiny_chat",
-                        adaptor_name="minilm-dllm")
+    assert json.loads(Path(sent_as, "index.json").read_text())["json_data"]["architecture"] == "BertModel"
+    assert not Path(sent_as, "config.json").exists()  # the app sends a folder that holds only index.json
+    form = small_form(log_to_wandb=True)
+    form.pop("max_length")
+    job = ws.create_job("exp1", form, model_name=sent_as, dataset_name="tiny_chat", adaptor_name="minilm-dllm")
     app_cwd = tmp_path / "app_folder"
     app_cwd.mkdir()
 
-    proc = ws.run_plugin(job, cwd=app_cwd)
+    old_umask = os.umask(0o022)
+    try:
+        proc = ws.run_plugin(job, cwd=app_cwd)
+    finally:
+        os.umask(old_umask)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert ws.process_exited(job.job_id) == "COMPLETE"
     assert list(app_cwd.iterdir()) == []  # nothing written to the app's folder (cwd)
+    assert "max_length 0 (auto): 512 tokens (the model's maximum positions are 512" in log
+    assert "the Data Template reads columns input, instruction, output, which dataset" in log
+    assert f"train {len(rows) - 6}, eval 6 (validation split)" in log  # the eval file is not trained on
+    assert "length: train_steps 3 (num_train_epochs is 0) = 3 optimizer steps" in log
 
     state = ws.job_json(job.job_id)
     data = state["job_data"]
@@ -96,17 +111,17 @@ def test_tl_lora_job_completes_with_a_fused_model_in_the_foundation_tab(tmp_path
     assert data["completion_status"] == "success" and "minilm-dllm" in data["completion_details"]
     score = data["score"]
     assert score["global_step"] == 3 and math.isfinite(score["loss"]) and math.isfinite(score["eval_loss"])
-    assert data["tensorboard_output_dir"] == job.output_dir
+    assert data["tensorboard_output_dir"] == str(job.run_dir)
 
     # TensorBoard: every training scalar at every step (logging_steps 1), eval loss at steps 2 and 3
-    tb = scalars(job.output_dir)
+    tb = scalars(job.output_dir)  # the app's TensorBoard for the template finds the job's folder
     for tag in TB_TAGS:
         assert tag in tb, f"{tag} missing from TensorBoard: {sorted(tb)}"
         assert all(math.isfinite(v) for v in tb[tag]), tag
     assert len(tb["train/loss"]) == 3 and len(tb["eval/loss"]) >= 2
     assert all(0 < v < 1 for v in tb["train/mask_ratio"])
 
-    metrics = json.loads((Path(job.output_dir) / "metrics.json").read_text())
+    metrics = json.loads((job.run_dir / "metrics.json").read_text())
     assert metrics["global_step"] == 3 and metrics["eval_loss"] == score["eval_loss"]
 
     # the Foundation tab: <workspace>/models/<name>/ with index.json beside the weights
@@ -117,22 +132,28 @@ def test_tl_lora_job_completes_with_a_fused_model_in_the_foundation_tab(tmp_path
     assert index["json_data"]["source"] == "transformerlab"
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "config.json").is_file()
     meta = json.loads((model_dir / "dllm_training.json").read_text())
-    assert meta["base_model"] == "minilm" and meta["dataset"] == "tiny_chat" and meta["lora"] is True
-    assert meta["steps"] == 3
+    assert meta["base_model"] == sent_as and meta["dataset"] == "tiny_chat" and meta["lora"] is True
+    assert meta["steps"] == 3 and meta["max_length"] == 512
     assert "minilm-dllm" in (model_dir / "README.md").read_text()
     assert Path(job.adaptor_output_dir, "adapter_config.json").is_file()
-    assert not (Path(job.output_dir) / "fused_model").exists()  # moved into the workspace, not copied
+    assert not (job.run_dir / "fused_model").exists()  # moved into the workspace, not copied
     ckpt_links = sorted((ws.workspace / "jobs" / job.job_id / "checkpoints").iterdir())
     assert [p.name for p in ckpt_links] == ["checkpoint-2", "checkpoint-3"]
     assert all((p / "trainer_state.json").is_file() for p in ckpt_links)
+    # readable by the group (umask 022): folders 0755, files 0644, the fused model's folder included
+    for root in (model_dir, job.run_dir):
+        for dirpath, dirnames, filenames in os.walk(root):
+            assert os.stat(dirpath).st_mode & 0o777 == 0o755, dirpath
+            for f in filenames:
+                assert os.stat(os.path.join(dirpath, f)).st_mode & 0o777 == 0o644, os.path.join(dirpath, f)
 
     # W&B: offline with exactly one warning; the key appears nowhere
     assert log.count("is not reachable; logging offline") == 1
-    assert list((Path(job.output_dir) / "wandb").glob("offline-run-*"))
+    assert list((job.run_dir / "wandb").glob("offline-run-*"))
     assert FAKE_KEY not in log
-    assert FAKE_KEY not in all_text_under(Path(job.output_dir), model_dir, ws.workspace / "jobs")
+    assert FAKE_KEY not in all_text_under(job.run_dir, model_dir, ws.workspace / "jobs")
 
-    # the fused model computes what base + adaptor compute
+    # the fused model computes what base + adaptor compute, and keeps the base's tied decoder (its size)
     import torch
     from peft import PeftModel
     from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -140,6 +161,8 @@ def test_tl_lora_job_completes_with_a_fused_model_in_the_foundation_tab(tmp_path
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     batch = tok(["What is 4 plus 7?", "What comes after [MASK]?"], return_tensors="pt", padding=True)
     fused = AutoModelForMaskedLM.from_pretrained(str(model_dir)).eval()
+    assert fused.cls.predictions.decoder.weight is fused.bert.embeddings.word_embeddings.weight
+    assert (model_dir / "model.safetensors").stat().st_size < 1.05 * (minilm / "model.safetensors").stat().st_size
     base = AutoModelForMaskedLM.from_pretrained(str(minilm))
     with_adaptor = PeftModel.from_pretrained(base, job.adaptor_output_dir).eval()
     with torch.no_grad():
@@ -175,18 +198,38 @@ def test_tl_worker_error_fails_the_job_with_the_reason(tmp_path, minilm):
 
 
 @pytest.mark.slow
-def test_tl_existing_model_name_fails_before_training(tmp_path, minilm):
+def test_tl_requeued_template_gets_a_new_model_name(tmp_path, minilm):
+    """Queuing the same template again (the app's normal use): the second job completes with the next
+    free name, logged, and the first job's model, adaptor and checkpoints are untouched. With
+    eval_strategy "no" no row is held out."""
     ws = Workspace.create(tmp_path)
-    ws.add_dataset("tiny_chat", chat_rows())
-    taken = ws.add_model("taken-name", minilm)
-    job = ws.create_job("exp1", small_form(), model_name=str(minilm), dataset_name="tiny_chat", adaptor_name="taken-name")
-    proc = ws.run_plugin(job, cwd=tmp_path)
-    assert proc.returncode != 0
-    assert ws.process_exited(job.job_id) == "FAILED"
-    details = ws.job_json(job.job_id)["job_data"]["completion_details"]
-    assert "a model named 'taken-name' already exists" in details and str(taken) in details
-    assert not (Path(job.output_dir) / "dllm_config.json").exists()  # nothing started
-    assert json.loads((taken / "index.json").read_text())["json_data"]["source"] == "local"  # untouched
+    ws.add_dataset("qa", [{"instruction": f"Add one to {i}.", "input": "", "output": str(i + 1)} for i in range(20)])
+    form = small_form(train_steps=1, save_steps=1, eval_strategy="no")
+    jobs, logs = [], []
+    for _ in range(2):
+        job = ws.create_job("exp1", form, model_name=str(minilm), dataset_name="qa", template_name="same",
+                            adaptor_name="again")
+        proc = ws.run_plugin(job, cwd=tmp_path)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-4000:]
+        assert ws.process_exited(job.job_id) == "COMPLETE"
+        jobs.append(job)
+        logs.append(log)
+        if len(jobs) == 1:
+            first_model = {p.name: p.stat().st_mtime_ns for p in (ws.workspace / "models" / "again").iterdir()}
+            first_ckpt = (job.run_dir / "checkpoint-1" / "trainer_state.json").read_text()
+    first, second = jobs
+    assert "20 rows -> train 20, eval 0 (none (evaluation off))" in logs[0]  # the app's Data Template, no holdout
+    assert "already exists" not in logs[0]
+    assert "a model or adaptor named 'again' already exists" in logs[1] and "this run's model is named 'again-2'" in logs[1]
+    assert "'again-2' saved to" in ws.job_json(second.job_id)["job_data"]["completion_details"]
+    assert first.output_dir == second.output_dir and first.run_dir != second.run_dir
+    assert {p.name: p.stat().st_mtime_ns for p in (ws.workspace / "models" / "again").iterdir()} == first_model
+    assert (first.run_dir / "checkpoint-1" / "trainer_state.json").read_text() == first_ckpt
+    assert (ws.workspace / "models" / "again-2" / "model.safetensors").is_file()
+    assert json.loads((ws.workspace / "models" / "again-2" / "index.json").read_text())["model_id"] == "again-2"
+    assert Path(first.adaptor_output_dir, "adapter_config.json").is_file()
+    assert Path(first.adaptor_output_dir).with_name("again-2").joinpath("adapter_config.json").is_file()
 
 
 @pytest.mark.slow
@@ -213,7 +256,7 @@ def test_tl_stop_button_ends_stopped_with_a_checkpoint(tmp_path, minilm):
     assert ws.process_exited(job.job_id) == "STOPPED"
     state = ws.job_json(job.job_id)
     assert state["status"] == "STOPPED" and state["job_data"]["completion_status"] == "stopped"
-    ckpts = list(Path(job.output_dir).glob("checkpoint-*"))
+    ckpts = list(job.run_dir.glob("checkpoint-*"))
     assert len(ckpts) == 1
     step = int(ckpts[0].name.split("-")[1])
     assert 0 < step < 400
@@ -222,7 +265,7 @@ def test_tl_stop_button_ends_stopped_with_a_checkpoint(tmp_path, minilm):
     assert ckpts[0].name in state["job_data"]["completion_details"]
     assert (ws.workspace / "jobs" / job.job_id / "checkpoints" / ckpts[0].name / "trainer_state.json").is_file()
     assert not (ws.workspace / "models" / "stopped-run").exists()
-    assert not (Path(job.output_dir) / "STOP").exists()
+    assert not (job.run_dir / "STOP").exists()
 
     # "resume from checkpoint" in the app: a new job naming the parent job and the checkpoint; the
     # SDK finds it in the parent's checkpoints folder (our link) and training continues from there
@@ -237,7 +280,7 @@ def test_tl_stop_button_ends_stopped_with_a_checkpoint(tmp_path, minilm):
     assert f"resuming from checkpoint {ckpts[0]}" in log
     score = ws.job_json(resumed.job_id)["job_data"]["score"]
     assert score["global_step"] == step + 2
-    final_state = json.loads((Path(resumed.output_dir) / f"checkpoint-{step + 2}" / "trainer_state.json").read_text())
+    final_state = json.loads((resumed.run_dir / f"checkpoint-{step + 2}" / "trainer_state.json").read_text())
     assert final_state["global_step"] == step + 2
     # the stopped run's history was carried over (it was resumed, not restarted)
     parent_history = trainer_state["log_history"]
@@ -265,20 +308,34 @@ def job_cfg(tmp_path, **kw) -> TrainConfig:
     return TrainConfig.from_dict(raw)
 
 
-def test_existing_model_or_adaptor_is_never_overwritten(tmp_path, capsys):
-    rep = FakeReporter()
-    (tmp_path / "out" / "models" / "mine").mkdir(parents=True)
-    assert app.run_job(job_cfg(tmp_path, adaptor_name="mine"), rep) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "a model named 'mine' already exists" in err[0]
-    assert rep.failed and "mine" in rep.failed[0]
+def test_taken_model_or_adaptor_name_gets_the_next_free_name(tmp_path):
+    rep, logs = FakeReporter(), []
+    cfg = app.resolve_sources(job_cfg(tmp_path, adaptor_name="mine"), rep)
+    assert app.unique_model_name(cfg, rep, logs.append) is cfg and logs == []  # free: unchanged, silent
+    (tmp_path / "out" / "models" / "mine").mkdir(parents=True)  # an earlier run's model
+    (tmp_path / "out" / "adaptors" / "mine-2").mkdir(parents=True)  # an earlier run's adaptor
+    (tmp_path / "out" / "adaptors" / "mine-2" / "adapter_config.json").write_text("{}")
+    (tmp_path / "out" / "adaptors" / "mine-3").mkdir()  # an empty folder is not taken
+    new = app.unique_model_name(cfg, rep, logs.append)
+    assert new.adaptor_name == "mine-3" and new.adaptor_output_dir == ""
+    from dllm_trainer.training.train import adaptor_dir_for
 
-    rep = FakeReporter()
-    (tmp_path / "out" / "adaptors" / "other").mkdir(parents=True)
-    (tmp_path / "out" / "adaptors" / "other" / "adapter_config.json").write_text("{}")
-    assert app.run_job(job_cfg(tmp_path, adaptor_name="other"), rep) == 2
-    assert "an adaptor named 'other' already exists" in rep.failed[0]
-    assert not (tmp_path / "out" / app.CONFIG_FILE_NAME).exists()
+    assert adaptor_dir_for(new) == str(tmp_path / "out" / "adaptors" / "mine-3")
+    assert len(logs) == 1 and "'mine' already exists" in logs[0] and "this run's model is named 'mine-3'" in logs[0]
+
+    # Transformer Lab's adaptor folder <workspace>/adaptors/<model>/<adaptor_name> follows the new name
+    ada = tmp_path / "ws" / "adaptors" / "base" / "mine"
+    ada.mkdir(parents=True)
+    (ada / "adapter_model.safetensors").write_text("x")
+    new = app.unique_model_name(cfg.replace(adaptor_name="mine", adaptor_output_dir=str(ada)), rep, logs.append)
+    assert (new.adaptor_name, new.adaptor_output_dir) == ("mine-2", str(ada.parent / "mine-2"))
+    # a full-length name stays within adaptor_name's 100 characters
+    long = "n" * 100
+    (tmp_path / "out" / "models" / long).mkdir()
+    new = app.unique_model_name(cfg.replace(adaptor_name=long), rep, logs.append)
+    assert new.adaptor_name == "n" * 98 + "-2"
+    assert list((tmp_path / "out" / "models").iterdir())  # nothing was removed
+    assert (tmp_path / "out" / "adaptors" / "mine-2" / "adapter_config.json").read_text() == "{}"
 
 
 def test_cuda_without_gpu_fails_before_any_worker(tmp_path, capsys):
@@ -362,3 +419,85 @@ def test_importing_main_is_light_and_cwd_independent(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def _tl_reporter(workspace: Path, job_id: str = "7"):
+    """The Transformer Lab host without the SDK (only its workspace lookups are used)."""
+    from dllm_trainer.hosts.tlab_plugin import TransformerLabReporter
+
+    rep = TransformerLabReporter.__new__(TransformerLabReporter)
+    rep.workspace, rep.job_id = str(workspace), job_id
+    return rep
+
+
+def test_tl_workspace_model_from_the_apps_local_import(tmp_path, minilm):
+    from lifecycle_tl import Workspace
+    from dllm_trainer.errors import ModelError
+
+    ws = Workspace(home=tmp_path, workspace=tmp_path / "ws", env={})
+    model_id, sent_as = ws.import_local_model(minilm)
+    rep = _tl_reporter(ws.workspace)
+    weights = str(ws.workspace / "my_models" / minilm.name)
+    assert rep.resolve_model(sent_as) == weights  # the path the Train tab sends
+    assert rep.resolve_model(model_id) == weights  # the model's id
+    assert rep.resolve_model(f"TransformerLab/{model_id}") == weights
+    stored = ws.add_model("stored", minilm)  # weights beside index.json (downloaded or trained)
+    assert rep.resolve_model("stored") == str(stored)  # (its path is a plain local model folder)
+    assert rep.resolve_model("org/hub-model") is None and rep.resolve_model(str(minilm)) is None
+    shutil.rmtree(weights)  # the imported folder was moved away: say so, by name
+    with pytest.raises(ModelError, match=rf"workspace model '{model_id}' .*index\.json\) points to .*{minilm.name}, "
+                                         "which is not a model folder"):
+        rep.resolve_model(model_id)
+
+
+def test_tl_each_job_has_its_own_folder_and_latest_looks_at_earlier_jobs(tmp_path):
+    template = tmp_path / "exp" / "tensorboards" / "tmpl"
+    rep = _tl_reporter(tmp_path / "ws", job_id="12")
+    run = rep.run_dir(str(template))
+    assert run == str(template / "job_12")
+    for n in (3, 11, 12, 100):
+        (template / f"job_{n}").mkdir(parents=True)
+    (template / "notes").mkdir()
+    assert rep.earlier_run_dirs(run) == [str(template / f"job_{n}") for n in (100, 11, 3)]
+    assert StandaloneReporter().run_dir("/x/out") == "/x/out" and StandaloneReporter().earlier_run_dirs("/x") == []
+
+    # 'latest' in a new job resumes the newest valid checkpoint of the template's earlier jobs
+    from dllm_trainer.training import checkpoints as ck
+
+    calls = []
+    orig = ck.latest_valid_checkpoint
+
+    def fake_latest(folder, log=print):
+        calls.append(os.path.basename(folder))
+        return f"{folder}/checkpoint-5" if folder.endswith("job_11") else None
+
+    ck.latest_valid_checkpoint = fake_latest
+    try:
+        cfg = TrainConfig.from_dict({"model_name": "m", "dataset_name": "d", "output_dir": run,
+                                     "resume_from_checkpoint": "latest"})
+        got = app._resume_request(cfg, rep, log=lambda m: None)
+    finally:
+        ck.latest_valid_checkpoint = orig
+    assert calls == ["job_12", "job_100", "job_11"]
+    assert got.resume_from_checkpoint == str(template / "job_11" / "checkpoint-5")
+
+
+def test_tl_unknown_dataset_names_the_workspace_datasets(tmp_path, capsys, monkeypatch):
+    from lifecycle_tl import Workspace
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    ws = Workspace(home=tmp_path, workspace=tmp_path / "ws", env={})
+    ws.add_dataset("tiny_chat", chat_rows()[:3])
+
+    class Rep(FakeReporter):
+        missing_dataset_hint = _tl_reporter(ws.workspace).missing_dataset_hint
+
+    rep = Rep()
+    code = app.run_job(job_cfg(tmp_path, dataset_name="tiny_chatt", model_name="no/such-model"), rep)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert ("'tiny_chatt' is not a dataset of the Transformer Lab workspace (" in err[0]
+            and "datasets: tiny_chat), and not a local path; dataset 'tiny_chatt'" in err[0])
+    assert "not in the local Hugging Face datasets cache and the Hub cannot be reached" in err[0]
+    assert "not cached in None" not in err[0]

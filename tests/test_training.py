@@ -69,7 +69,7 @@ def check_metrics(out: Path, result, steps: int):
     assert metrics["global_step"] == steps == result.global_step
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["train_loss"])
     assert 0.0 <= metrics["masked_accuracy"] <= 1.0 and 0.0 < metrics["mask_ratio"] <= 1.0
-    assert "eval_loss" in metrics and math.isfinite(metrics["eval_loss"])  # the 10% holdout, evaluated at the end
+    assert "eval_loss" not in metrics  # eval_strategy "no": no row held out, nothing evaluated
     assert metrics == pytest.approx(result.metrics)
     assert glob.glob(str(out / "**" / "events.out.tfevents.*"), recursive=True), "no TensorBoard events written"
 
@@ -84,6 +84,7 @@ def test_full_finetune_bert(minilm, dataset, probe, tmp_path, capsys):
     result = run_training(cfg, log=lines.append, extra_callbacks=[rec])
 
     assert any("has no masked-LM head in its checkpoint" in ln and "trained in full" in ln for ln in lines), lines
+    assert any("80 rows -> train 80, eval 0 (none (evaluation off))" in ln for ln in lines), lines
     assert_loss_decreased(rec.train_losses())
     check_metrics(out, result, 16)
     assert result.adaptor_dir is None and result.final_model_dir == str(out / "final_model")

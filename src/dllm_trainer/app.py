@@ -5,8 +5,10 @@
                           `--config FILE.json [--set key=value ...]`, or neither inside a current
                           Transformer Lab task (its job in the environment, hosts/tlab_task.py);
                           builds the reporter and the config, and calls run_job. Returns the exit code.
-    run_job(cfg, rep)     resolves the model/dataset names, checks that nothing will be overwritten,
-                          writes the validated config to <output_dir>/dllm_config.json, launches the
+    run_job(cfg, rep)     resolves the model/dataset names, picks a model name that is free (a taken
+                          adaptor_name becomes name-2, ...; logged), runs the preflight checks
+                          (preflight.py: the dataset first), writes the validated config to
+                          <output_dir>/dllm_config.json, launches the
                           accelerate workers (launcher.py), streams their output, polls for a stop
                           request, and on success fuses the LoRA adaptor (or takes the full
                           fine-tune), writes the model card + metadata, and registers the model.
@@ -37,7 +39,7 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from .config import APP_KEYS, TrainConfig, load_config_file
-from .errors import ConfigError, UserError, report_unexpected_error, report_user_error
+from .errors import ConfigError, DataError, UserError, report_unexpected_error, report_user_error
 from .hosts.standalone import StandaloneReporter
 
 CONFIG_FILE_NAME = "dllm_config.json"
@@ -68,7 +70,7 @@ def resolve_sources(cfg: TrainConfig, reporter) -> TrainConfig:
     changes: dict[str, Any] = {
         "model_name": model,
         "dataset_name": dataset,
-        "output_dir": os.path.abspath(os.path.expanduser(cfg.output_dir)),
+        "output_dir": reporter.run_dir(os.path.abspath(os.path.expanduser(cfg.output_dir))),
     }
     if cfg.adaptor_output_dir.strip():
         changes["adaptor_output_dir"] = os.path.abspath(os.path.expanduser(cfg.adaptor_output_dir))
@@ -219,26 +221,33 @@ def _run_job(cfg: TrainConfig, reporter, *, gpu_count, poll_interval, log) -> in
     started = time.time()
     user_cfg = cfg
     cfg = resolve_sources(cfg, reporter)
-    model_id = cfg.adaptor_name
     main_machine = cfg.machine_rank == 0  # only the rank-0 machine saves and registers the model
     if main_machine:
-        reporter.check_model_name(model_id, cfg.output_dir)
-    if main_machine and cfg.lora and _nonempty_dir(adaptor_dir_for(cfg)):
-        raise ConfigError(
-            f"an adaptor named '{cfg.adaptor_name}' already exists at {adaptor_dir_for(cfg)}; "
-            "choose another adaptor_name, or delete it first"
-        )
+        cfg = unique_model_name(cfg, reporter, log)
+    model_id = cfg.adaptor_name
     cfg = _resume_request(cfg, reporter, log)
-    _preflight(cfg, log)  # reliability: bad inputs fail here, before any worker starts (preflight.py)
+    # machines sharing one output_dir (a shared filesystem) must not overwrite each other's config
+    config_path = os.path.join(cfg.output_dir, CONFIG_FILE_NAME if main_machine
+                               else CONFIG_FILE_NAME.replace(".json", f".machine{cfg.machine_rank}.json"))
+    plan = build_launch(cfg, config_path, gpu_count=gpu_count)  # hardware errors before anything starts
+    try:
+        model_config = _preflight(cfg, log)  # reliability: bad inputs fail here, before any worker starts (preflight.py)
+    except DataError as e:
+        hint = reporter.missing_dataset_hint(user_cfg.dataset_name) if cfg.dataset_name == user_cfg.dataset_name.strip() else None
+        if hint and ("not found" in str(e) or "Hugging Face Hub" in str(e)):
+            raise DataError(f"{hint}, and not a local path; {e}") from None
+        raise
+    if model_config is not None and cfg.max_length == 0:
+        from .training.loading import max_length_note, resolve_max_length
+
+        resolved = resolve_max_length(cfg, model_config)
+        log(max_length_note(cfg, resolved, model_config))
+        cfg = cfg.replace(max_length=resolved)
 
     if reporter.should_stop():  # stopped while it was queued
         reporter.stopped("stopped before training started")
         return 0
     os.makedirs(cfg.output_dir, exist_ok=True)
-    # machines sharing one output_dir (a shared filesystem) must not overwrite each other's config
-    config_path = os.path.join(cfg.output_dir, CONFIG_FILE_NAME if main_machine
-                               else CONFIG_FILE_NAME.replace(".json", f".machine{cfg.machine_rank}.json"))
-    plan = build_launch(cfg, config_path, gpu_count=gpu_count)  # hardware errors before anything starts
     _write_json_atomic(config_path, cfg.to_dict())
     from .training.memory_plan import check_job
 
@@ -302,6 +311,11 @@ def _run_job(cfg: TrainConfig, reporter, *, gpu_count, poll_interval, log) -> in
                                     base_hub_id=export.hub_id(user_cfg.model_name, cfg.model_name),
                                     license_id=export.base_license(export.base_model_dir(cfg.model_name)))
     meta["model_name"] = model_id
+    meta["max_length"] = cfg.max_length or user_cfg.max_length  # what max_length 0 became, when known here
+    free = _free_name(model_id, lambda name: reporter.model_exists(name, cfg.output_dir))
+    if free != model_id:  # taken while this run trained (another job): never overwrite it
+        log(f"[dllm] a model named '{model_id}' appeared while this run trained; this run's model is '{free}'")
+        model_id = meta["model_name"] = free
     meta["train_seconds"] = round(time.time() - started, 1)
     export.write_model_card(staging, meta, name=model_id)
     final = reporter.register_model(staging, model_id, architecture=_architecture(staging),
@@ -322,6 +336,44 @@ def _host_worker_env(reporter) -> dict[str, str]:
     return {STOP_ON_SIGTERM_ENV: "1"} if getattr(reporter, "stops_with_signal", False) else {}
 
 
+def _free_name(base: str, taken: Callable[[str], bool]) -> str:
+    """base, else base-2, base-3, ... (kept within adaptor_name's 100 characters): the first not taken."""
+    name, n = base, 1
+    while taken(name):
+        n += 1
+        suffix = f"-{n}"
+        name = base[: 100 - len(suffix)] + suffix
+    return name
+
+
+def unique_model_name(cfg: TrainConfig, reporter, log) -> TrainConfig:
+    """Re-queuing the same template (the app's normal use) or re-running a config must never fail
+    on, nor overwrite, the model or LoRA adaptor of an earlier run: when adaptor_name is taken (a
+    model of that name, or a non-empty adaptor folder), the run takes the next free name-2, name-3,
+    ... for both, and says so."""
+    from .training.train import adaptor_dir_for
+
+    def adaptor_dir(name: str) -> str:
+        if not cfg.adaptor_output_dir:
+            return adaptor_dir_for(cfg.replace(adaptor_name=name))
+        if name == cfg.adaptor_name:
+            return cfg.adaptor_output_dir
+        parent, leaf = os.path.split(cfg.adaptor_output_dir.rstrip(os.sep))
+        # the app's adaptor folder is <workspace>/adaptors/<model>/<adaptor_name>: it follows the name
+        leaf = name if leaf == cfg.adaptor_name else f"{leaf}-{name.rsplit('-', 1)[1]}"
+        return os.path.join(parent, leaf)
+
+    def taken(name: str) -> bool:
+        return reporter.model_exists(name, cfg.output_dir) or (cfg.lora and _nonempty_dir(adaptor_dir(name)))
+
+    name = _free_name(cfg.adaptor_name, taken)
+    if name == cfg.adaptor_name:
+        return cfg
+    log(f"[dllm] a model or adaptor named '{cfg.adaptor_name}' already exists "
+        f"({reporter.model_location(cfg.adaptor_name, cfg.output_dir)}); this run's model is named '{name}'")
+    return cfg.replace(adaptor_name=name, adaptor_output_dir=adaptor_dir(name) if cfg.adaptor_output_dir else "")
+
+
 def _resume_request(cfg: TrainConfig, reporter, log) -> TrainConfig:
     """resume_from_checkpoint as the workers get it (reliability; checkpoints.py):
     a path stays; 'latest' becomes the newest valid checkpoint of output_dir (broken ones are logged
@@ -330,13 +382,15 @@ def _resume_request(cfg: TrainConfig, reporter, log) -> TrainConfig:
     spec = cfg.resume_from_checkpoint.strip()
     if spec and spec != "latest":
         return cfg
-    if spec == "latest" and os.path.isdir(cfg.output_dir):
+    if spec == "latest":
         from .training.checkpoints import latest_valid_checkpoint
 
-        found = latest_valid_checkpoint(cfg.output_dir, log=log)
-        if found:
-            log(f"[dllm] resume_from_checkpoint 'latest': {found}")
-            return cfg.replace(resume_from_checkpoint=found)
+        # this run's folder, then (Transformer Lab) the folders of the template's earlier jobs
+        for folder in [cfg.output_dir, *reporter.earlier_run_dirs(cfg.output_dir)]:
+            found = latest_valid_checkpoint(folder, log=log) if os.path.isdir(folder) else None
+            if found:
+                log(f"[dllm] resume_from_checkpoint 'latest': {found}")
+                return cfg.replace(resume_from_checkpoint=found)
     resume = reporter.checkpoint_to_resume()
     if resume:
         log(f"[dllm] resuming from checkpoint {resume}")
@@ -344,10 +398,10 @@ def _resume_request(cfg: TrainConfig, reporter, log) -> TrainConfig:
     return cfg
 
 
-def _preflight(cfg: TrainConfig, log) -> None:
+def _preflight(cfg: TrainConfig, log):
     from .preflight import run_preflight
 
-    run_preflight(cfg, log=log)
+    return run_preflight(cfg, log=log)
 
 
 def _stopped(reporter, res, log) -> int:

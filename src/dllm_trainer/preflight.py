@@ -9,12 +9,14 @@ workers, instead of once per worker):
 - a LOCAL model: the folder exists and is a Hugging Face model (config.json), its architecture fits
   training_method, max_length fits its positions, its weights exist and every safetensors file is
   intact, its tokenizer loads and has a mask token or can be given one;
-- a LOCAL dataset: it exists and loads, is not empty, its columns name a known format (unless
-  templates are given), the templates compile, and, for datasets of up to PREFLIGHT_MAX_ROWS rows,
-  at least one row survives tokenisation and truncation (the same build_datasets the workers run).
+- the dataset, FIRST (local, or a Hub id through the Hugging Face cache / network, with HF_TOKEN as
+  the workers use it): it exists and loads, is not empty, its rows have one known format (the file
+  and line of a row that differs), the Data Template fits its columns, and, with a local model, for
+  datasets of up to PREFLIGHT_MAX_ROWS rows, at least one row survives tokenisation and truncation
+  (the same build_datasets the workers run).
 
-Hub ids (a model or dataset that is not a local path) are left to the workers: they may need the
-network and a token. Each failure raises ConfigError / ModelError / DataError.
+A Hub model id is left to the workers (its weights may need the network and a token). Each failure
+raises ConfigError / ModelError / DataError.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ PREFLIGHT_MAX_ROWS = 5000  # datasets up to this size are tokenised here once (c
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "model.safetensors.index.json")
 
 
-def run_preflight(cfg: TrainConfig, *, log=print) -> None:
+def run_preflight(cfg: TrainConfig, *, log=print):
+    """Runs every check; returns the local model's config (None for a Hub model)."""
     check_output_dir(cfg.output_dir, "output_dir")
     if cfg.adaptor_output_dir.strip():
         check_output_dir(os.path.dirname(os.path.abspath(cfg.adaptor_output_dir)) or ".", "adaptor_output_dir")
@@ -38,9 +41,11 @@ def run_preflight(cfg: TrainConfig, *, log=print) -> None:
     if cfg.trust_remote_code:
         log("[dllm] warning: trust_remote_code is on: Python code shipped with the model "
             f"'{cfg.model_name}' will run. Turn it off unless you trust that code")
-    tokenizer = check_model(cfg) if _is_local(cfg.model_name) else None
-    if _is_local(cfg.dataset_name):
-        check_dataset(cfg, tokenizer)
+    plan = check_dataset_source(cfg)  # the dataset first: it is found and checked before any model
+    tokenizer, model_config = check_model(cfg) if _is_local(cfg.model_name) else (None, None)
+    if tokenizer is not None:
+        check_dataset(cfg, tokenizer, plan, model_config)
+    return model_config
 
 
 def _is_local(name: str) -> bool:
@@ -74,7 +79,7 @@ def check_resume(cfg: TrainConfig) -> None:
 
 
 def check_model(cfg: TrainConfig):
-    """Local model checks; returns the loaded tokenizer."""
+    """Local model checks; returns the loaded tokenizer and the model's config."""
     from .training.loading import MASK_TOKEN_ADDED, check_family, load_model_config
 
     path = os.path.expanduser(cfg.model_name.strip())
@@ -122,28 +127,40 @@ def check_model(cfg: TrainConfig):
                 f"the tokenizer of model '{cfg.model_name}' has no mask token and cannot be extended with one "
                 f"({type(e).__name__}: {e}); use a tokenizer with a mask token or a model config with mask_token_id"
             ) from None
-    return tokenizer
+    return tokenizer, config
 
 
-def check_dataset(cfg: TrainConfig, tokenizer=None) -> None:
-    from .data import build_datasets, detect_format, load_raw_dataset
+def check_dataset_source(cfg: TrainConfig):
+    """Find and load the dataset (local, or a Hub id through the Hugging Face cache/network, as the
+    workers will), check its row format and the Data Template; returns the data.DataPlan."""
+    from .data import plan_datasets
 
     source = os.path.expanduser(cfg.dataset_name.strip())
-    raw = load_raw_dataset(source, split=cfg.dataset_split or None)
-    rows = sum(ds.num_rows for ds in raw.values())
-    if not cfg.output_template:
-        try:
-            detect_format(raw["train"].column_names)
-        except DataError as e:
-            raise DataError(f"dataset '{cfg.dataset_name}': {e}") from None
-    if tokenizer is None or rows > PREFLIGHT_MAX_ROWS:
+    try:
+        return plan_datasets(
+            source, input_template=cfg.input_template or None, output_template=cfg.output_template or None,
+            instruction_template=cfg.instruction_template or None, seed=cfg.seed,
+            split=cfg.dataset_split or None, evaluation=cfg.eval_strategy != "no", token=os.environ.get("HF_TOKEN"),
+        )
+    except DataError as e:
+        text = str(e)
+        raise DataError(text if cfg.dataset_name.strip() in text else f"dataset '{cfg.dataset_name}': {text}") from None
+
+
+def check_dataset(cfg: TrainConfig, tokenizer, plan, model_config=None) -> None:
+    """Small datasets: at least one row survives tokenisation and truncation (as the workers run it)."""
+    from .data import build_datasets
+    from .training.loading import resolve_max_length
+
+    rows = plan.train.num_rows + (plan.eval.num_rows if plan.eval is not None else 0)
+    if rows > PREFLIGHT_MAX_ROWS:
         return
     try:
         build_datasets(
-            source, tokenizer, max_length=cfg.max_length, truncation=cfg.truncation,
+            plan.source, tokenizer, max_length=resolve_max_length(cfg, model_config), truncation=cfg.truncation,
             mask_prompt_loss=cfg.mask_prompt_loss, input_template=cfg.input_template or None,
             output_template=cfg.output_template or None, instruction_template=cfg.instruction_template or None,
-            num_proc=1, seed=cfg.seed, split=cfg.dataset_split or None, log=None,
+            system_prompt=cfg.system_prompt or None, num_proc=1, plan=plan, log=None,
         )
     except (ConfigError, DataError):
         raise

@@ -49,17 +49,22 @@ class StandaloneReporter:
     def model_location(self, model_id: str, output_dir: str | None = None) -> str:
         return os.path.join(output_dir or self._root or ".", "models", model_id)
 
-    def check_model_name(self, model_id: str, output_dir: str | None = None) -> None:
-        final = self.model_location(model_id, output_dir)
-        if os.path.lexists(final):
-            raise ConfigError(
-                f"a model named '{model_id}' already exists at {final}; choose another adaptor_name or "
-                "output_dir, or delete it first"
-            )
+    def run_dir(self, output_dir: str) -> str:
+        return output_dir
+
+    def earlier_run_dirs(self, run_dir: str) -> list[str]:
+        return []
+
+    def missing_dataset_hint(self, name: str) -> str | None:
+        return None
+
+    def model_exists(self, model_id: str, output_dir: str | None = None) -> bool:
+        return os.path.lexists(self.model_location(model_id, output_dir))
 
     def register_model(self, staging_dir: str, model_id: str, **_: Any) -> str:
-        self.check_model_name(model_id)
         final = self.model_location(model_id)
+        if os.path.lexists(final):  # the caller picked a free name; never overwrite
+            raise ConfigError(f"a model named '{model_id}' already exists at {final}")
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.rename(staging_dir, final)
         return final

@@ -14,6 +14,8 @@ import json
 import math
 import os
 
+from ..errors import ModelError
+
 
 def run_sdk(coro):
     """Run one SDK coroutine from our synchronous code (the SDK's own helper when present)."""
@@ -81,19 +83,37 @@ class WorkspaceHost:
             return {}
 
     def resolve_model(self, name: str) -> str | None:
-        """A workspace model's folder (weights beside index.json), or None when `name` is not one."""
+        """A workspace model's weights folder, or None when `name` is not a workspace model.
+
+        `name` is a model id (`<workspace>/models/<id>/index.json`) or, as the v0.30 Train tab sends
+        it for a model imported with the app's local import, that folder's path: its index.json
+        holds only metadata, and `json_data.source_id_or_path` / `json_data.model_filename` name the
+        folder with the weights (outside `models/`)."""
         folder = self._entry("models", name)
         if folder is None:
-            return None
+            path = os.path.expanduser((name or "").strip())
+            if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "index.json"))
+                    and not os.path.isfile(os.path.join(path, "config.json"))):
+                return None
+            folder = path
         if os.path.isfile(os.path.join(folder, "config.json")):
             return folder
         info = self._index(folder)
         jd = info.get("json_data") if isinstance(info.get("json_data"), dict) else {}
-        for key in ("local_path", "model_path"):
-            for src in (info, jd):
+        recorded = []
+        for key in ("source_id_or_path", "model_filename", "local_path", "model_path"):
+            for src in (jd, info):
                 p = src.get(key)
-                if isinstance(p, str) and os.path.isfile(os.path.join(p, "config.json")):
-                    return p
+                if isinstance(p, str) and p.strip():
+                    p = os.path.join(folder, os.path.expanduser(p.strip()))  # "." is the folder itself
+                    recorded.append(p)
+                    if os.path.isfile(os.path.join(p, "config.json")):
+                        return os.path.abspath(p)
+        if str(jd.get("source") or "").lower() == "local" and recorded:
+            raise ModelError(
+                f"workspace model '{name}' ({os.path.join(folder, 'index.json')}) points to {recorded[0]}, "
+                "which is not a model folder (no config.json); import the model again or pick another one"
+            )
         return None  # an index without weights (e.g. a Hub model the app knows): use the name as a Hub id
 
     def resolve_dataset(self, name: str) -> str | None:
@@ -111,6 +131,17 @@ class WorkspaceHost:
         data_files = [f for f in os.listdir(folder) if f.lower() != "index.json"
                       and os.path.splitext(f)[1].lower() in (".json", ".jsonl", ".csv", ".parquet", ".arrow")]
         return folder if data_files else name
+
+    def missing_dataset_hint(self, name: str) -> str | None:
+        """For a dataset name that is neither a workspace dataset nor a local path: what the workspace has."""
+        if self._entry("datasets", name) is not None or not isinstance(self.workspace, str) or "://" in self.workspace:
+            return None
+        root = os.path.join(self.workspace, "datasets")
+        try:
+            have = sorted(e.name for e in os.scandir(root) if os.path.isfile(os.path.join(e.path, "index.json")))
+        except OSError:
+            have = []
+        return f"'{name}' is not a dataset of the Transformer Lab workspace ({root}: {', '.join(have) if have else 'none'})"
 
     def secret(self, name: str) -> str | None:
         try:

@@ -184,24 +184,37 @@ class TransformerLabReporter(WorkspaceHost):
             self._log(f"[dllm] warning: could not record checkpoint {path} with {APP_NAME}: {e}")
 
     # ---- the final model ---------------------------------------------------------------------
-    def model_location(self, model_id: str) -> str:
+    def model_location(self, model_id: str, output_dir: str | None = None) -> str:
         if not isinstance(self.workspace, str) or "://" in self.workspace:
             raise ConfigError(f"the {APP_NAME} workspace '{self.workspace}' is remote storage; this trainer needs a local workspace")
         return os.path.join(self.workspace, "models", model_id)
 
-    def check_model_name(self, model_id: str, output_dir: str | None = None) -> None:
-        final = self.model_location(model_id)
-        if os.path.lexists(final):
-            raise ConfigError(
-                f"a model named '{model_id}' already exists in the {APP_NAME} workspace ({final}); "
-                "choose another adaptor_name, or delete that model first"
-            )
+    def model_exists(self, model_id: str, output_dir: str | None = None) -> bool:
+        return os.path.lexists(self.model_location(model_id))
+
+    def run_dir(self, output_dir: str) -> str:
+        """This job's own folder. The app gives every job of a template the same output_dir
+        (`<experiment>/tensorboards/<template_name>`); queuing the template again must neither fail
+        on nor overwrite the earlier run's checkpoints, so each job works in `job_<id>/` below it
+        (the app's TensorBoard for the template shows every job as a run)."""
+        return os.path.join(output_dir, f"job_{self.job_id}")
+
+    def earlier_run_dirs(self, run_dir: str) -> list[str]:
+        """The other jobs' folders of the same template, newest job first ('latest' looks there too)."""
+        parent = os.path.dirname(run_dir.rstrip(os.sep))
+        try:
+            names = [e.name for e in os.scandir(parent) if e.is_dir() and re.fullmatch(r"job_\d+", e.name)]
+        except OSError:
+            return []
+        own = os.path.basename(run_dir.rstrip(os.sep))
+        return [os.path.join(parent, n) for n in sorted(names, key=lambda n: int(n[4:]), reverse=True) if n != own]
 
     def register_model(self, staging_dir: str, model_id: str, *, architecture: str, base_model: str,
                        meta: dict, config: dict) -> str:
         """Move the finished model into <workspace>/models/<model_id>/ with the index.json the Foundation tab reads."""
-        self.check_model_name(model_id)
         final = self.model_location(model_id)
+        if os.path.lexists(final):  # the app picked a free name (app.unique_model_name); never overwrite
+            raise ConfigError(f"a model named '{model_id}' already exists in the {APP_NAME} workspace ({final})")
         os.makedirs(os.path.dirname(final), exist_ok=True)
         index = {
             "model_id": model_id,

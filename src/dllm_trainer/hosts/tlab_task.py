@@ -368,8 +368,18 @@ class TaskReporter(WorkspaceHost):
             self._warn_once("record a checkpoint", e)
 
     # ---- the final model -----------------------------------------------------------------------
-    def check_model_name(self, model_id: str, output_dir: str | None = None) -> None:
-        """Nothing to check: the SDK keeps every job's models apart (<job id>_<name>)."""
+    def model_exists(self, model_id: str, output_dir: str | None = None) -> bool:
+        """Never: the SDK keeps every job's models apart (<job id>_<name>)."""
+        return False
+
+    def model_location(self, model_id: str, output_dir: str | None = None) -> str:
+        return f"{model_id} (saved with job {self.job_id})"
+
+    def run_dir(self, output_dir: str) -> str:
+        return output_dir
+
+    def earlier_run_dirs(self, run_dir: str) -> list[str]:
+        return []
 
     def register_model(self, staging_dir: str, model_id: str, *, architecture: str, base_model: str,
                        meta: dict, config: dict) -> str:

@@ -78,7 +78,8 @@ def check_family(config, cfg: TrainConfig) -> FamilyStrategy:
         )
     limit = max_positions(config)
     if limit is not None and cfg.max_length > limit:
-        raise ConfigError(f"max_length ({cfg.max_length}) exceeds the model's maximum positions ({limit}); use at most {limit}")
+        raise ConfigError(f"max_length ({cfg.max_length}) exceeds the model's maximum positions ({limit}); use at most "
+                          f"{limit}, or 0 for the model's own limit")
     return family
 
 
@@ -89,6 +90,28 @@ def head_modules(model) -> list[str]:
     base = getattr(model, "base_model_prefix", "")
     return [name for name, child in model.named_children()
             if name != base and any(True for _ in child.parameters())]
+
+
+def resolve_max_length(cfg: TrainConfig, config) -> int:
+    """max_length as set, or for 0 (the default) the model's maximum positions capped at
+    MAX_LENGTH_AUTO_CAP (so the form's default fits a 512-position BERT and a 256-position test model)."""
+    from ..config import MAX_LENGTH_AUTO_CAP
+
+    if cfg.max_length > 0:
+        return cfg.max_length
+    limit = max_positions(config)
+    return min(limit, MAX_LENGTH_AUTO_CAP) if limit else MAX_LENGTH_AUTO_CAP
+
+
+def max_length_note(cfg: TrainConfig, resolved: int, config) -> str | None:
+    """The log line that says what max_length 0 became."""
+    from ..config import MAX_LENGTH_AUTO_CAP
+
+    if cfg.max_length > 0:
+        return None
+    limit = max_positions(config)
+    limit_text = f"the model's maximum positions are {limit}" if limit else "the model states no maximum positions"
+    return f"[dllm] max_length 0 (auto): {resolved} tokens ({limit_text}; auto is at most {MAX_LENGTH_AUTO_CAP})"
 
 
 def load_for_training(cfg: TrainConfig, *, log=print, device_map=None) -> LoadedModel:
@@ -220,11 +243,38 @@ def apply_lora(model, cfg: TrainConfig, family: FamilyStrategy, *, new_head_modu
         # a2d: the mask token is new to a causal LM, so its embedding row is trained (peft merges it back)
         trainable_token_indices=[mask_token_id] if family.trains_mask_embedding and mask_token_id is not None else None,
     )
+    embeddings = model.get_input_embeddings().weight
     try:
         model = get_peft_model(model, lora_cfg)
     except ValueError as e:
         raise ConfigError(f"lora_target_modules '{cfg.lora_target_modules}' does not fit this model: {str(e).splitlines()[0]}") from None
+    retie_saved_head(model, embeddings)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log(f"[dllm] LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {cfg.lora_target_modules}: {trainable:,} of {total:,} parameters trainable")
     return model
+
+
+def retie_saved_head(model, embeddings) -> int:
+    """Keep a new output head's decoder tied to the (frozen) input embeddings under LoRA.
+
+    peft trains a new head (modules_to_save) as a deep copy, and the copy's decoder weight is a
+    separate, trainable tensor although the base ties it to the word embeddings (BERT, ModernBERT):
+    the fused model would then carry an extra vocab x hidden matrix (all-MiniLM-L6-v2: 138 MB instead
+    of 91 MB) and could not be tied again. Sharing the embedding tensor in the copy keeps the
+    published layout (decoder = embeddings, trained: transform, norm, bias). Returns the number of
+    tensors re-tied."""
+    from peft.utils import ModulesToSaveWrapper
+
+    tied = 0
+    for wrapper in model.modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            continue
+        names = [n for n, p in wrapper.original_module.named_parameters() if p is embeddings]
+        for copy in wrapper.modules_to_save.values():
+            for name in names:
+                owner_path, _, leaf = name.rpartition(".")
+                owner = copy.get_submodule(owner_path) if owner_path else copy
+                setattr(owner, leaf, embeddings)
+                tied += 1
+    return tied

@@ -144,11 +144,31 @@ def build_training_args(cfg: TrainConfig, dtype, *, has_eval: bool):
     return TrainingArguments(**kwargs)
 
 
+def training_length_note(cfg: TrainConfig, max_steps: int) -> str:
+    """Which setting decides how long the run is (both are always in the form)."""
+    if cfg.trains_by_steps:
+        return f"[dllm] length: train_steps {cfg.train_steps} (num_train_epochs is 0) = {max_steps} optimizer steps"
+    return (f"[dllm] length: num_train_epochs {cfg.num_train_epochs} = {max_steps} optimizer steps; train_steps "
+            f"({cfg.train_steps}) is not used (it applies only when num_train_epochs is 0)")
+
+
+def _length_note_callback(cfg: TrainConfig, log):
+    """Logs training_length_note once the Trainer knows the number of optimizer steps."""
+    from transformers import TrainerCallback
+
+    class LengthNote(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                log(training_length_note(cfg, state.max_steps))
+
+    return LengthNote()
+
+
 def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainResult:
     from .callbacks import EventCallback, SampleCallback, StopFileCallback
     from .collator import DiffusionCollator
-    from ..data import build_datasets
-    from .loading import load_for_training
+    from ..data import build_datasets, plan_datasets
+    from .loading import load_for_training, max_length_note, resolve_max_length
     from .noise import NoiseSchedule
     from .packing import packing_active, packing_note
     from .trainer import DiffusionSettings, MDLMTrainer
@@ -175,12 +195,29 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
         torch.set_num_threads(default_cpu_threads())
         if _is_main_worker():
             log(f"[dllm] CPU training with {torch.get_num_threads()} thread(s) per worker (DLLM_CPU_THREADS overrides)")
+    # The dataset is found and checked before the (slow) model load: a missing or malformed
+    # dataset fails in seconds, with the file and line of the row at fault.
+    data_plan = plan_datasets(
+        cfg.dataset_name,
+        input_template=cfg.input_template or None,
+        output_template=cfg.output_template or None,
+        instruction_template=cfg.instruction_template or None,
+        seed=cfg.seed,
+        split=cfg.dataset_split or None,
+        evaluation=cfg.eval_strategy != "no",
+        token=os.environ.get("HF_TOKEN"),
+    )
     from .distributed import fsdp_requested, start_process_group
 
     if fsdp_requested():  # before loading: with fsdp_cpu_ram_efficient_loading only rank 0 reads the weights
         start_process_group(cfg)
     loaded = load_for_training(cfg, log=log)
     family, tokenizer = loaded.family, loaded.tokenizer
+    max_length = resolve_max_length(cfg, loaded.model.config)
+    note = max_length_note(cfg, max_length, loaded.model.config)
+    if note and _is_main_worker():
+        log(note)
+    cfg = cfg.replace(max_length=max_length)
     prepared = build_datasets(
         cfg.dataset_name,
         tokenizer,
@@ -190,10 +227,9 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
         input_template=cfg.input_template or None,
         output_template=cfg.output_template or None,
         instruction_template=cfg.instruction_template or None,
+        system_prompt=cfg.system_prompt or None,
         num_proc=cfg.num_proc,
-        seed=cfg.seed,
-        split=cfg.dataset_split or None,
-        token=os.environ.get("HF_TOKEN"),
+        plan=data_plan,
         log=log,
     )
     weight_kind, geo_p = cfg.loss_weight
@@ -225,7 +261,7 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
         log(packing_note(cfg))
     args = build_training_args(cfg, loaded.torch_dtype, has_eval=prepared.eval is not None)
     stopper = StopFileCallback(cfg.output_dir)
-    callbacks = [EventCallback(), stopper, *extra_callbacks]
+    callbacks = [EventCallback(), stopper, _length_note_callback(cfg, log), *extra_callbacks]
     sampler_cb = None
     prompts = [p.strip() for p in cfg.sample_prompts.splitlines() if p.strip()]
     if prompts:
@@ -285,6 +321,10 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
             result.final_model_dir = final_model_dir_for(cfg)
             with disk_errors("the final model", result.final_model_dir, cfg.output_dir):
                 save_full_model(trainer, result.final_model_dir)
+        if trainer.is_world_process_zero():
+            from .file_modes import apply_default_modes
+
+            apply_default_modes(result.adaptor_dir or result.final_model_dir)  # safetensors writes 0600
     if trainer.is_world_process_zero():
         with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as fh:
             json.dump(metrics, fh, indent=2)
