@@ -35,6 +35,7 @@ import time
 import zipfile
 
 from ..errors import ConfigError, UserError
+from .file_modes import apply_default_modes
 
 MANIFEST_NAME = "dllm_checkpoint.json"
 STAGING_PREFIX = ".tmp-checkpoint-"
@@ -448,6 +449,7 @@ class AtomicCheckpointWriter:
                 problems = checkpoint_problems(self.staged, need_optimizer=not trainer.args.save_only_model)
                 if problems:
                     raise CheckpointWriteError(f"checkpoint {self.name} was written incompletely: {'; '.join(problems[:3])}")
+                apply_default_modes(self.staged)  # safetensors writes 0600; checkpoints are shared like the model
                 _fsync_tree(self.staged)
                 commit(self.staged, self.final)
                 shutil.rmtree(self.staging_root, ignore_errors=True)

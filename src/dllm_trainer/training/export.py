@@ -34,6 +34,7 @@ import shutil
 import tempfile
 
 from ..errors import ModelError
+from .file_modes import apply_default_modes
 
 METADATA_FILE = "dllm_training.json"
 
@@ -73,8 +74,11 @@ def fuse_adaptor(base_model: str, adaptor_dir: str, out_dir: str, *, family_name
         resize_embeddings(base, len(tokenizer))  # a mask token was added during training: the same rows
     if tokenizer.mask_token_id is not None and getattr(base.config, "mask_token_id", None) is None:
         base.config.mask_token_id = tokenizer.mask_token_id
+    base_tied = _embeddings_tied(base)
     model = PeftModel.from_pretrained(base, adaptor_dir)
     fused = model.merge_and_unload()
+    if base_tied:
+        _retie_embeddings(fused)
     _untie_shared_parameters(fused)
     mask_id = getattr(fused.config, "mask_token_id", None)
     if mask_id is not None:
@@ -82,6 +86,30 @@ def fuse_adaptor(base_model: str, adaptor_dir: str, out_dir: str, *, family_name
     save_model_atomic(fused, tokenizer, out_dir, base=base_model, trust_remote_code=trust_remote_code)
     log(f"[dllm] fused adaptor {adaptor_dir} into {base_model}: {out_dir}")
     return out_dir
+
+
+def _embeddings_tied(model) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def _retie_embeddings(model) -> bool:
+    """Tie the output head's decoder to the input embeddings again when their values are equal.
+
+    A head trained under LoRA (modules_to_save) comes back from the adaptor as a separate copy even
+    when its decoder stayed tied during training (loading.retie_saved_head); re-tying keeps the fused
+    model the base's size and layout (tie_word_embeddings), with the same logits."""
+    import torch
+
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None:
+        return False
+    if out.weight is not inp.weight:
+        if out.weight.shape != inp.weight.shape or not torch.equal(out.weight.to(inp.weight.dtype), inp.weight):
+            return False
+        out.weight = inp.weight
+    model.config.tie_word_embeddings = True
+    return True
 
 
 def _untie_shared_parameters(model) -> None:
@@ -120,6 +148,7 @@ def save_model_atomic(model, tokenizer, out_dir: str, *, base: str | None = None
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         make_portable(tmp, base, trust_remote_code=trust_remote_code)
+        apply_default_modes(tmp)  # mkdtemp's 0700 and safetensors' 0600 would make the model private
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
