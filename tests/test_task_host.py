@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from dllm_trainer import app, cli
-from dllm_trainer.config import TrainConfig, form_fields
+from dllm_trainer.config import TrainConfig, task_form_fields
 from dllm_trainer.hosts import tlab_task
 from dllm_trainer.hosts.standalone import StandaloneReporter
 from dllm_trainer.training import callbacks
@@ -70,7 +70,7 @@ def test_task_yaml_is_what_the_app_accepts(task):
 
 def test_task_parameters_are_the_form_fields(task):
     params = task["parameters"]
-    assert list(params) == ["model_name", "dataset_name"] + [f.name for f in form_fields()]
+    assert list(params) == ["model_name", "dataset_name"] + [f.name for f in task_form_fields()]
     by_name = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for name, p in params.items():
         assert p["default"] == by_name[name].default, name

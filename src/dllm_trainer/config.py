@@ -45,8 +45,9 @@ _ADAPTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _GPU_IDS_RE = re.compile(r"^(auto|\d+(\s*,\s*\d+)*)$")
 
 
-def _f(default, title: str, help: str, *, form: bool = True, **schema):
-    """A config field with its manifest metadata (JSON-schema keywords go in **schema)."""
+def _f(default, title: str, help: str, *, form: bool | str = True, **schema):
+    """A config field with its manifest metadata (JSON-schema keywords go in **schema).
+    form: True (both app forms), "task" (task.yaml only), False (neither)."""
     meta = {"title": title, "help": help, "form": form, "schema": schema}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -134,11 +135,12 @@ class TrainConfig:
     # ---- data -------------------------------------------------------------------------------
     num_proc: int = _f(1, "Data processes", "Processes for tokenising the dataset.", minimum=1, maximum=128)
     system_prompt: str = _f("", "System prompt", "Optional system message put before every prompt (rows that already start with one keep theirs).")
-    # Transformer Lab's own Data Template tab (training_template_format "alpaca") sends these three:
-    # Jinja over the dataset's columns. See data.py for how they apply.
-    instruction_template: str = _f("", "Instruction template", "Data Template: Jinja rendered with the row; the system message (e.g. Summarize: {{instruction}}).", form=False)
-    input_template: str = _f("", "Input template", "Data Template: Jinja rendered with the row; the user message (e.g. {{input}}).", form=False)
-    output_template: str = _f("", "Output template", "Data Template: Jinja rendered with the row; the response trained on (e.g. {{output}}).", form=False)
+    # Transformer Lab v0.30's own Data Template tab (training_template_format "alpaca") sends these
+    # three, so they are not in index.json's form; the current app's task form (task.yaml) has them.
+    # Jinja over the dataset's columns; see data.py for how they apply.
+    instruction_template: str = _f("", "Instruction template", "Data Template: Jinja rendered with the row; the system message (e.g. Summarize: {{instruction}}).", form="task")
+    input_template: str = _f("", "Input template", "Data Template: Jinja rendered with the row; the user message (e.g. {{input}}).", form="task")
+    output_template: str = _f("", "Output template", "Data Template: Jinja rendered with the row; the response trained on (e.g. {{output}}).", form="task")
 
     # ---- samples during training -----------------------------------------------------------------
     sample_prompts: str = _f("", "Sample prompts", "Prompts (one per line) generated from during training and logged to TensorBoard and the job log.")
@@ -359,6 +361,12 @@ _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
 
 def form_fields() -> list[dataclasses.Field]:
+    """The v0.30 plugin form's fields (index.json)."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("form") is True]
+
+
+def task_form_fields() -> list[dataclasses.Field]:
+    """The current app's task form (task.yaml): the plugin form's fields plus the Data Template ones."""
     return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("form")]
 
 

@@ -136,7 +136,7 @@ def job_parameters(raw: dict) -> tuple[dict, list[str]]:
 
 def task_parameters() -> dict:
     """task.yaml `parameters`, generated from the config fields (the form the app shows)."""
-    from ..config import TrainConfig, _field_type, form_fields
+    from ..config import TrainConfig, _field_type, task_form_fields
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     params: dict[str, dict] = {}
@@ -144,7 +144,7 @@ def task_parameters() -> dict:
         f = fields[name]
         params[name] = {"title": f.metadata["title"], "type": "string", "default": f.default, "required": True,
                         "ui_widget": widget}
-    for f in form_fields():
+    for f in task_form_fields():
         typ = _field_type(f)
         schema = f.metadata["schema"]
         entry: dict[str, Any] = {"title": f.metadata["title"]}
