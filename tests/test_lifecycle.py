@@ -141,7 +141,7 @@ def test_tl_lora_job_completes_with_a_fused_model_in_the_foundation_tab(tmp_path
     assert [p.name for p in ckpt_links] == ["checkpoint-2", "checkpoint-3"]
     assert all((p / "trainer_state.json").is_file() for p in ckpt_links)
     # readable by the group (umask 022): folders 0755, files 0644, the fused model's folder included
-    for root in (model_dir, job.run_dir):
+    for root in (model_dir, job.run_dir, Path(job.adaptor_output_dir)):
         for dirpath, dirnames, filenames in os.walk(root):
             assert os.stat(dirpath).st_mode & 0o777 == 0o755, dirpath
             for f in filenames:
@@ -501,3 +501,22 @@ def test_tl_unknown_dataset_names_the_workspace_datasets(tmp_path, capsys, monke
             and "datasets: tiny_chat), and not a local path; dataset 'tiny_chatt'" in err[0])
     assert "not in the local Hugging Face datasets cache and the Hub cannot be reached" in err[0]
     assert "not cached in None" not in err[0]
+
+
+def test_the_worker_checks_the_dataset_before_loading_the_model(tmp_path, monkeypatch):
+    """Before: a missing or broken dataset failed after the model and LoRA had loaded."""
+    from dllm_trainer.errors import DataError
+    from dllm_trainer.training import loading, train
+
+    def no_model(*a, **kw):
+        raise AssertionError("the model was loaded before the dataset was checked")
+
+    monkeypatch.setattr(loading, "load_for_training", no_model)
+    broken = tmp_path / "data.jsonl"
+    broken.write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q" "completion": "a"}\n')
+    cfg = TrainConfig.from_dict({"model_name": "org/some-model", "dataset_name": str(broken),
+                                 "output_dir": str(tmp_path / "out"), "train_device": "cpu"})
+    with pytest.raises(DataError, match=r"'data\.jsonl' line 2: not valid JSON"):
+        train.run_training(cfg, log=lambda m: None)
+    with pytest.raises(DataError, match=r"missing\.jsonl' not found"):
+        train.run_training(cfg.replace(dataset_name=str(tmp_path / "missing.jsonl")), log=lambda m: None)
