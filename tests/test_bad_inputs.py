@@ -229,7 +229,8 @@ def datasets_logs_to_the_current_stderr():
 
     for h in datasets.utils.logging._get_library_root_logger().handlers:
         if hasattr(h, "setStream"):
-            h.setStream(sys.stderr)
+            with h.lock:  # not setStream: it flushes the old stream, which may be closed already
+                h.stream = sys.stderr
     yield
 
 

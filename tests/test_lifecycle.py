@@ -132,7 +132,7 @@ def test_tl_lora_job_completes_with_a_fused_model_in_the_foundation_tab(tmp_path
     assert index["json_data"]["source"] == "transformerlab"
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "config.json").is_file()
     meta = json.loads((model_dir / "dllm_training.json").read_text())
-    assert meta["base_model"] == sent_as and meta["dataset"] == "tiny_chat" and meta["lora"] is True
+    assert meta["base_model"] == Path(sent_as).name and meta["dataset"] == "tiny_chat" and meta["lora"] is True
     assert meta["steps"] == 3 and meta["max_length"] == 512
     assert "minilm-dllm" in (model_dir / "README.md").read_text()
     assert Path(job.adaptor_output_dir, "adapter_config.json").is_file()
