@@ -22,10 +22,14 @@ def _package_on_path() -> None:
 
 def main(argv=None) -> int:
     """Run one job; exits with a non-zero status when it fails (the harness ignores return values)."""
-    _package_on_path()
-    from dllm_trainer.app import main as run
+    try:
+        _package_on_path()
+        from dllm_trainer.app import main as run
 
-    code = run(sys.argv[1:] if argv is None else argv)
+        code = run(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # Ctrl-C while Python imports: no traceback either
+        print("[dllm] interrupted", file=sys.stderr, flush=True)
+        code = 130
     if code:
         sys.exit(code)
     return 0

@@ -75,10 +75,29 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     broken_ckpt = root / "checkpoint-4"
     broken_ckpt.mkdir()
     (broken_ckpt / "trainer_state.json").write_text("{garbage")
+    # a complete checkpoint of another run: a full fine-tune of the dream method on another model
+    other_ckpt = _complete_checkpoint(root / "other-run" / "checkpoint-6", run=dict(
+        model_name=str(root / "some-other-model"), training_method="dream", lora=False, lora_r=None,
+        lora_alpha=None, lora_target_modules=None, trainable_parameters=1234))
     return dict(root=root, llada=llada, empty_model=empty_model, no_weights=no_weights, corrupt=corrupt, gpt2=gpt2, t5=t5,
                 no_mask=no_mask, far_mask=far_mask, model_file=model_file, empty_data=empty_data, odd=odd, long_prompts=long_prompts,
                 txt=txt, bad_json=bad_json, a_file=a_file, broken_ckpt=broken_ckpt, mixed_formats=mixed,
-                header_only=header_only)
+                header_only=header_only, other_ckpt=other_ckpt)
+
+
+def _complete_checkpoint(path: Path, run: dict) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    from dllm_trainer.training.checkpoints import write_manifest
+
+    path.mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(path / "model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({"x": 1}, path / name)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": 6}))
+    write_manifest(str(path), 6, 1, run=run)
+    return path
 
 
 def base_config(inputs, out: Path) -> dict:
@@ -187,6 +206,12 @@ CASES = [
     ({"lora_target_modules": "q_proj;rm -rf"}, ["lora_target_modules must be 'all-linear' or a comma list of module names"], "lora-targets-malformed"),
     ({"logging_steps": 1.5}, ["logging_steps must be a whole number of steps (>= 1) or a fraction in (0, 1)"], "logging-steps-fractional"),
     ({"model_name": ""}, ["model_name is required"], "model-name-empty"),
+    ({"output_dir": ""}, ["output_dir is empty"], "output-dir-empty"),
+    ({}, ["output_dir '", "already holds checkpoints of another run (checkpoint-1)", "resume_from_checkpoint: latest",
+          "choose a new output_dir"], "fresh-run-over-another-runs-checkpoints"),
+    ({"resume_from_checkpoint": "@other_ckpt"}, ["checkpoint-6' does not fit this run", "model: checkpoint '",
+                                                "training_method: checkpoint 'dream', this run 'llada'",
+                                                "LoRA: checkpoint off, this run on"], "resume-checkpoint-of-another-run"),
     ({"dataset_name": "  "}, ["dataset_name is required"], "dataset-name-empty"),
 ]
 

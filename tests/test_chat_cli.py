@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -106,6 +107,12 @@ def test_generate_infill_keeps_text_and_fills(model_dir):
     (["--prompt", "x", "--gen-length", "16", "--block-length", "5"], "multiple of block_length"),
     (["--prompt", "x", "--gen-length", "16", "--block-length", "4", "--steps", "6"], "divisible"),
     (["--prompt", "x", "--temperature", "-1"], "--temperature"),
+    (["--prompt", "x", "--threshold", "1.5"], "--threshold must be in (0, 1]"),
+    (["--prompt", "x", "--threshold", "0"], "--threshold must be in (0, 1]"),
+    (["--prompt", "x", "--device", "meta"], "unsupported --device 'meta' (allowed: auto, cpu, cuda, cuda:N, mps)"),
+    (["--prompt", "x", "--device", "gpu0"], "unknown --device 'gpu0'"),
+    (["--prompt", "x", "--device", "mps"], "--device mps: Apple's MPS is not available"),
+    (["--prompt", "x", "--raw", "--gen-length", "99999"], "exceeds the model's 256 positions; generate at most 254 tokens"),
 ])
 def test_generate_bad_inputs_give_one_clear_error(model_dir, argv, needle):
     if "--model" not in argv:
@@ -115,6 +122,88 @@ def test_generate_bad_inputs_give_one_clear_error(model_dir, argv, needle):
     assert out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+
+
+def test_chat_complete_beyond_the_positions_is_an_error_and_the_chat_goes_on(model_dir):
+    import time
+
+    t0 = time.monotonic()
+    rc, out, err = _run_chat(":complete 99999\n:complete 4\n", "--model", str(model_dir), "--raw", "--no-stop-at-eos")
+    assert rc == 0 and time.monotonic() - t0 < 60  # never hangs
+    assert err.startswith("error: ") and "exceeds the model's 256 positions" in err and len(err.splitlines()) == 1
+    assert len(out.splitlines()[-1]) == 4  # the next command works
+
+
+def test_ctrl_c_during_a_reply_cancels_it_and_keeps_the_conversation(model_dir, monkeypatch):
+    real = chat.run_sampler
+    calls = []
+
+    def interrupted_once(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(chat, "run_sampler", interrupted_once)
+    args = ["--model", str(model_dir), "--gen-length", "8", "--seed", "3"]
+    rc, out, err = _run_chat("first\nsecond\n", *args)
+    assert rc == 0 and "(interrupted" in err and "Traceback" not in err
+    monkeypatch.setattr(chat, "run_sampler", real)
+    rc2, out2, _ = _run_chat("second\n", *args)
+    assert out == out2  # the cancelled turn left no trace in the conversation
+
+
+def test_python_generate_takes_what_apply_chat_template_returns(model_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    from dllm_trainer.sampling import generate
+
+    model, tok = AutoModel.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": "hi"}]
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = enc["input_ids"] if hasattr(enc, "keys") else enc
+    kw = dict(gen_length=8, steps=8, mask_token_id=MASK)
+    assert torch.equal(generate(model, enc, **kw), generate(model, ids, **kw))
+    assert torch.equal(generate(model, {"input_ids": ids}, **kw), generate(model, ids, **kw))
+    with pytest.raises(ValueError, match="not text: tokenize first"):
+        generate(model, "hi", **kw)
+    with pytest.raises(ValueError, match="a dict without 'input_ids'"):
+        generate(model, {"ids": ids}, **kw)
+
+
+def test_sampling_from_a_lora_adaptor_or_checkpoint_folder(model_dir, tmp_path):
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    adaptor = tmp_path / "adaptor"
+    peft_model.save_pretrained(adaptor)  # adapter_config.json names model_dir as the base
+    fused = tmp_path / "fused"
+    peft_model.merge_and_unload().save_pretrained(fused)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / f, fused / f)
+    argv = ["--prompt", CHAIN, "--raw", "--gen-length", "8", "--no-stop-at-eos"]
+    rc, from_fused, err = _run_generate("--model", str(fused), *argv)
+    assert rc == 0, err
+    rc, from_adaptor, err = _run_generate("--model", str(adaptor), *argv)  # base + adaptor, merged in memory
+    assert rc == 0 and err == "" and from_adaptor == from_fused
+    # the session's model is base + adaptor: the fused model's logits, not the base's
+    ids = torch.tensor([list(range(10, 26))])
+    with torch.no_grad():
+        got = chat.load_session(str(adaptor), "cpu").model(ids).logits
+        want = AutoModel.from_pretrained(fused)(ids).logits
+        base = AutoModel.from_pretrained(model_dir)(ids).logits
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, base, atol=1e-3)
+
+    cfg = json.loads((adaptor / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "moved-base")
+    (adaptor / "adapter_config.json").write_text(json.dumps(cfg))
+    rc, _, err = _run_generate("--model", str(adaptor), *argv)
+    assert rc == 2 and "is a LoRA adaptor (or a LoRA checkpoint) of the base model" in err
+    assert "sample from the fused model instead" in err and len(err.splitlines()) == 1
 
 
 def test_bad_model_folder(tmp_path):

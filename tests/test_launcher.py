@@ -3,6 +3,7 @@ raised before anything starts, and the streaming/supervision of worker processes
 workers: small Python scripts that print events, fail, spawn children, or wait for STOP)."""
 from __future__ import annotations
 
+import io
 import os
 import sys
 import textwrap
@@ -189,9 +190,38 @@ ev(event="result", stopped=False, adaptor_dir="/x/a", final_model_dir=None, metr
     assert metrics == [{"step": 1, "loss": 2.5, "learning_rate": 1e-4}]
     assert ckpts == [("/x/checkpoint-2", 2)] and res.checkpoints == ["/x/checkpoint-2"]
     assert res.result["metrics"] == {"loss": 2.0} and res.step == 2
-    assert "plain line one" in out.out and "[dllm] step 1/2: loss=2.5" in out.out
-    assert '"event": "progress"' not in out.out  # machine-facing progress events are not echoed
-    assert " 50%|#####     | 1/2" in out.err and "100%|##########| 2/2" in out.err  # \r-separated redraws are lines
+    assert "plain line one" in out.out and "[dllm] step 1/2: loss 2.5, lr 0.0001\n" in out.out
+    assert "[dllm-event]" not in out.out + out.err  # machine-facing events are never echoed
+    # not a terminal (a log file): \r-separated redraws are lines of their own
+    assert out.err == " 50%|#####     | 1/2\n100%|##########| 2/2\n"
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_redraw_in_place_on_a_terminal(tmp_path):
+    plan = fake(tmp_path, EVENTS + """
+sys.stderr.write("\\r  0%|          | 0/2\\r 50%|#####     | 1/2"); sys.stderr.flush()
+time.sleep(0.3)
+print("a log line", flush=True)
+time.sleep(0.3)
+sys.stderr.write("\\r100%|##########| 2/2"); sys.stderr.flush()
+time.sleep(0.3)
+sys.stderr.write("\\n"); sys.stderr.flush()  # tqdm's close: the bar already on screen is final
+print("after the bar", flush=True)
+""")
+    term = FakeTerminal()
+    res = run_workers(plan, output_dir=str(tmp_path / "out"), env=dict(os.environ), out=term, err=term)
+    assert res.ok
+    # each redraw returns to the line start and clears it; the log line is written above the bar,
+    # which is drawn again below it; the finished bar ends the line
+    assert term.getvalue() == (
+        "\r  0%|          | 0/2\x1b[K" "\r 50%|#####     | 1/2\x1b[K"
+        "\r\x1b[K" "a log line\n" " 50%|#####     | 1/2\x1b[K"
+        "\r100%|##########| 2/2\x1b[K" "\n" "after the bar\n"
+    )
 
 
 def test_worker_error_becomes_the_reason(tmp_path, capsys):
@@ -260,6 +290,7 @@ os._exit(9)
 def test_stop_request_writes_the_stop_file(tmp_path):
     out_dir = tmp_path / "out"
     plan = fake(tmp_path, EVENTS + f"""
+import io
 import os
 os.makedirs({str(out_dir)!r}, exist_ok=True)
 stop = os.path.join({str(out_dir)!r}, "STOP")
@@ -359,3 +390,68 @@ def test_launcher_dies_with_a_killed_app(tmp_path):
             app_proc.kill()
         if pidfile.exists() and _alive(int(pidfile.read_text())):
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
+STEPPING_WORKER = """
+import os
+stop = os.path.join({out!r}, "STOP")
+ev(event="train_begin", max_steps=1000)
+step = 0
+while step < 600:
+    time.sleep(0.05)  # the step in progress
+    step += 1
+    print("worker: finished step %d" % step, flush=True)
+    ev(event="progress", step=step, max_steps=1000)
+    if os.path.exists(stop):  # like StopFileCallback: checked at the end of each step
+        break
+ev(event="checkpoint", step=step, path="/x/checkpoint-%d" % step)
+ev(event="result", stopped=True, adaptor_dir=None, final_model_dir=None, metrics={{}})
+"""
+
+
+def _press_ctrl_c(when):
+    """SIGINT to this process (what a terminal sends on Ctrl-C) as soon as when() is true."""
+    import signal
+    import threading
+
+    def run():
+        deadline = time.monotonic() + 60
+        while not when() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def test_ctrl_c_stops_like_the_stop_file(tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    plan = fake(tmp_path, EVENTS + STEPPING_WORKER.format(out=str(out_dir)))
+    steps = []
+    _press_ctrl_c(lambda: len(steps) >= 5)
+    res = run_workers(plan, output_dir=str(out_dir), env=dict(os.environ), poll_interval=0.2,
+                      on_progress=lambda s, m: steps.append(s))
+    out = capsys.readouterr().out
+    assert res.ok and res.ctrl_c and res.stop_requested and not res.interrupted
+    assert res.result["stopped"] is True and res.checkpoints == [f"/x/checkpoint-{res.step}"]
+    lines = out.splitlines()
+    said = next(i for i, ln in enumerate(lines) if ln.startswith("[dllm] Ctrl-C: the workers stop after the step in progress"))
+    # the STOP file is written before the message: at most the step in progress ends after it
+    finished_after = [ln for ln in lines[said:] if ln.startswith("worker: finished step")]
+    assert len(finished_after) <= 1, lines[said:]
+    assert lines[-1] == f"[dllm] checkpoint saved: /x/checkpoint-{res.step}"
+    assert not (out_dir / "STOP").exists()
+
+
+def test_ctrl_c_before_the_first_step_stops_at_once(tmp_path, capsys):
+    ready = tmp_path / "ready"
+    plan = fake(tmp_path, f"""
+open({str(ready)!r}, "w").write("loading")
+import time
+time.sleep(120)  # still loading the model: no train_begin yet
+""")
+    _press_ctrl_c(ready.exists)
+    t0 = time.monotonic()
+    res = run_workers(plan, output_dir=str(tmp_path / "out"), env=dict(os.environ), poll_interval=0.2)
+    assert res.interrupted and res.ctrl_c and time.monotonic() - t0 < 30
+    assert "before the first training step" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""What importing the package does to a fresh process: model registration, and quiet logs."""
+"""What importing the package does to a fresh process: nothing heavy (no torch / transformers on
+the command line, config and launcher side), model registration, and quiet logs."""
 import subprocess
 import sys
 
@@ -9,14 +10,37 @@ def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
-def test_import_registers_llada_and_dream_with_the_auto_classes():
+def test_the_command_line_config_and_launcher_import_neither_torch_nor_transformers(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model_name": "m", "dataset_name": "d", "output_dir": "o", "learning_rate": -1}')
     proc = run_python(
-        "import dllm_trainer\n"
-        "from transformers import AutoConfig\n"
-        "print(type(AutoConfig.for_model('llada')).__name__, type(AutoConfig.for_model('Dream')).__name__)"
+        "import sys, contextlib, io\n"
+        "import dllm_trainer, dllm_trainer.cli, dllm_trainer.app, dllm_trainer.config, dllm_trainer.preflight\n"
+        "import dllm_trainer.training.launcher, dllm_trainer.training.events, dllm_trainer.hosts.standalone\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert dllm_trainer.cli.main(['--help']) == 0\n"
+        f"assert dllm_trainer.cli.main(['train', '--config', {str(bad)!r}]) == 2\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'peft', 'accelerate') if m in sys.modules))"
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["LLaDAConfig", "DreamConfig"]
+    assert proc.stdout.strip() == "[]"
+    assert "learning_rate must be > 0" in proc.stderr
+
+
+def test_registration_with_the_auto_classes(llada_tiny):
+    """After `import dllm_trainer`, transformers' Auto model classes find our LLaDA/Dream (the first
+    import of transformers.models.auto.modeling_auto registers them: dllm_trainer.models), also when
+    transformers was imported first."""
+    code = (
+        "from transformers import AutoConfig\n"
+        "print(type(AutoConfig.for_model('llada')).__name__, type(AutoConfig.for_model('Dream')).__name__)\n"
+    )
+    proc = run_python("import dllm_trainer\nfrom transformers import AutoModel\n" + code +
+                      f"m = AutoModel.from_pretrained({str(llada_tiny)!r})\nprint(type(m).__module__, type(m).__name__)")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["LLaDAConfig", "DreamConfig", "dllm_trainer.models.llada", "LLaDAModelLM"]
+    proc = run_python("from transformers import AutoModel\nimport dllm_trainer\n" + code)
+    assert proc.stdout.split() == ["LLaDAConfig", "DreamConfig"], proc.stderr[-2000:]
 
 
 def test_bitsandbytes_cpu_kernel_warning_is_silenced():

@@ -3,8 +3,8 @@
 End-to-end (slow): a worker SIGKILLed right after a checkpoint and resumed with 'latest' reaches
 bitwise the same final weights as the same run uninterrupted (full fine-tune and LoRA with
 dropout; gradient accumulation 2; an odd number of steps; the checkpoint falls mid-way through the
-second epoch and the resumed run crosses into the third), also when a newer, corrupt checkpoint
-lies beside the good one; resuming a run whose checkpoint already holds the last step trains no
+second epoch and the resumed run crosses into the third); a newer, corrupt checkpoint beside the
+good one stops 'latest' with what is wrong, and the good one named by path resumes; resuming a run whose checkpoint already holds the last step trains no
 extra step. Fast: checkpoint validation, 'latest' selection, rotation, stale staging folders,
 the epoch-seeded sampler.
 """
@@ -56,18 +56,24 @@ def test_sigkill_after_checkpoint_then_resume_latest_is_bitwise_identical(tmp_pa
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert 1 < state["epoch"] < 2  # mid-way through the second epoch
 
+    spec = "latest"
     if not lora:
-        # A newer checkpoint that is broken (truncated weights) must be skipped by 'latest'.
+        # A newer checkpoint that is broken (truncated weights): 'latest' stops and says so, the
+        # broken folder stays; the named older checkpoint resumes exactly.
         broken = out / "checkpoint-15"
         shutil.copytree(ckpt, broken)
         w = broken / "model.safetensors"
         w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+        refused = Worker({**run_cfg, "resume_from_checkpoint": "latest"}, tmp_path / "refused.json")
+        assert refused.wait() == 2
+        assert "checkpoint-15 (step 15) cannot be resumed: model.safetensors is truncated or padded" in refused.stderr
+        assert f"set resume_from_checkpoint: {ckpt}" in refused.stderr and "Traceback" not in refused.stderr
+        assert w.stat().st_size > 0 and not any(e["event"] == "progress" for e in refused.events)
+        spec = str(ckpt)
 
-    resumed = Worker({**run_cfg, "resume_from_checkpoint": "latest"}, tmp_path / "resume.json")
+    resumed = Worker({**run_cfg, "resume_from_checkpoint": spec}, tmp_path / "resume.json")
     assert resumed.wait() == 0, resumed.stderr[-3000:]
     assert f"resuming from {ckpt}" in resumed.stdout
-    if not lora:
-        assert "checkpoint-15 is incomplete or corrupt (model.safetensors is truncated or padded" in resumed.stdout
     steps = [e["step"] for e in resumed.events if e["event"] == "progress"]
     assert steps == list(range(SAVE + 1, STEPS + 1))
 
@@ -201,20 +207,12 @@ def test_corrupt_checkpoints_are_detected(tmp_path, damage, expected):
     assert not ck.is_valid_checkpoint(str(p))
 
 
-def test_latest_skips_broken_newer_checkpoints_and_logs_why(tmp_path):
+def test_latest_is_the_newest_checkpoint_and_ignores_other_folders(tmp_path):
     make_checkpoint(tmp_path / "checkpoint-2", 2)
     make_checkpoint(tmp_path / "checkpoint-10", 10)
-    bad = make_checkpoint(tmp_path / "checkpoint-12", 12)
-    (bad / "trainer_state.json").write_text("garbage")
-    partial = make_checkpoint(tmp_path / "checkpoint-14", 14)
-    (partial / "trainer_state.json").unlink()
     (tmp_path / "checkpoint-99x").mkdir()  # not a checkpoint name: ignored
     make_checkpoint(tmp_path / ".tmp-checkpoint-16" / "checkpoint-16", 16)  # unfinished staging: ignored
-    logged = []
-    assert ck.resolve_resume("latest", str(tmp_path), log=logged.append) == str(tmp_path / "checkpoint-10")
-    assert len(logged) == 2
-    assert "checkpoint-14 is incomplete or corrupt (no trainer_state.json)" in logged[0]
-    assert "checkpoint-12 is incomplete or corrupt (trainer_state.json is not valid JSON)" in logged[1]
+    assert ck.resolve_resume("latest", str(tmp_path), log=print) == str(tmp_path / "checkpoint-10")
 
     # ... and the worker's own lookup (train.find_resume_checkpoint) agrees
     from dllm_trainer.config import TrainConfig
@@ -225,9 +223,31 @@ def test_latest_skips_broken_newer_checkpoints_and_logs_why(tmp_path):
     assert find_resume_checkpoint(cfg, log=lambda *_: None) == str(tmp_path / "checkpoint-10")
 
 
-def test_latest_without_any_valid_checkpoint_starts_fresh(tmp_path):
-    bad = make_checkpoint(tmp_path / "checkpoint-4", 4)
+def test_latest_with_a_corrupt_optimizer_says_what_is_wrong_and_stops(tmp_path):
+    """Intact weights, a corrupt optimizer.pt in the newest checkpoint: never a silent fallback to an
+    older checkpoint or to step 0; the message names the file, the intact weights and the choices."""
+    older = make_checkpoint(tmp_path / "checkpoint-2", 2)
+    newest = make_checkpoint(tmp_path / "checkpoint-4", 4)
+    (newest / "optimizer.pt").write_bytes(b"PK")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(ConfigError) as e:
+        ck.resolve_resume("latest", str(tmp_path))
+    msg = str(e.value)
+    assert f"the newest checkpoint {newest} (step 4) cannot be resumed: optimizer.pt is truncated or corrupt" in msg
+    assert "Its model weights are intact" in msg
+    assert f"set resume_from_checkpoint: {older}" in msg and "move checkpoint-4 out of" in msg
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing changed
+
+    # the only checkpoint, weights damaged too: no older one to offer
+    only = tmp_path / "alone"
+    bad = make_checkpoint(only / "checkpoint-4", 4)
     (bad / "model.safetensors").write_bytes(b"")
+    (bad / "optimizer.pt").write_bytes(b"PK")
+    with pytest.raises(ConfigError, match="weights are damaged too.*no older valid checkpoint: start a new run"):
+        ck.resolve_resume("latest", str(only))
+
+
+def test_latest_without_any_checkpoint_starts_fresh(tmp_path):
     logged = []
     assert ck.resolve_resume("latest", str(tmp_path), log=logged.append) is None
     assert "starting fresh" in logged[-1]
@@ -337,7 +357,7 @@ def test_dream_cutoffs_do_not_depend_on_any_global_rng():
 
 
 def test_the_app_resolves_latest_before_launching(tmp_path):
-    """'latest' -> the newest valid checkpoint of output_dir (broken ones logged); with none there,
+    """'latest' -> the newest checkpoint of output_dir (a broken one stops the job); with none there,
     the checkpoint the app (Transformer Lab) asks to resume from; '' -> the app's; a path stays."""
     from dllm_trainer import app
     from dllm_trainer.config import TrainConfig
@@ -360,9 +380,9 @@ def test_the_app_resolves_latest_before_launching(tmp_path):
     assert app._resume_request(cfg(""), Rep(sdk_ckpt), logged.append).resume_from_checkpoint == sdk_ckpt
     assert app._resume_request(cfg(""), Rep(None), logged.append).resume_from_checkpoint == ""
     make_checkpoint(out / "checkpoint-2", 2)
+    assert app._resume_request(cfg("latest"), Rep(sdk_ckpt), logged.append).resume_from_checkpoint == str(out / "checkpoint-2")
     broken = make_checkpoint(out / "checkpoint-4", 4)
     (broken / "optimizer.pt").write_bytes(b"PK")
-    logged.clear()
-    assert app._resume_request(cfg("latest"), Rep(sdk_ckpt), logged.append).resume_from_checkpoint == str(out / "checkpoint-2")
-    assert any("checkpoint-4 is incomplete or corrupt (optimizer.pt" in m for m in logged)
+    with pytest.raises(ConfigError, match="checkpoint-4 \\(step 4\\) cannot be resumed: optimizer.pt"):
+        app._resume_request(cfg("latest"), Rep(sdk_ckpt), logged.append)
     assert app._resume_request(cfg(sdk_ckpt), Rep(None), logged.append).resume_from_checkpoint == sdk_ckpt

@@ -236,7 +236,7 @@ def test_bert_sampler_runs_and_threshold_equivalence(tiny_bert):
     out = generate(tiny_bert, prompt, gen_length=12, steps=12, block_length=4, mask_token_id=95)
     assert out.shape == (2, 16) and not (out == 95).any()
     assert torch.equal(out[:, :4], prompt)
-    thr = generate(tiny_bert, prompt, gen_length=12, steps=12, block_length=4, mask_token_id=95, threshold=1.01)
+    thr = generate(tiny_bert, prompt, gen_length=12, steps=12, block_length=4, mask_token_id=95, threshold=1.0)
     assert torch.equal(out, thr)
 
 
@@ -249,25 +249,34 @@ def test_num_transfer_tokens_schedule():
 # Fast-dLLM
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("block", [16, 4])
-def test_threshold_above_one_equals_one_token_per_step_llada(llada, block):
+def test_threshold_one_equals_one_token_per_step_llada(llada, block):
     prompt = torch.randint(3, 400, (2, 6), generator=torch.Generator().manual_seed(4))
     vanilla = generate(llada, prompt, gen_length=16, steps=16, block_length=block)
     stats = {}
-    fast = generate(llada, prompt, gen_length=16, steps=16, block_length=block, threshold=1.5, stats=stats)
+    fast = generate(llada, prompt, gen_length=16, steps=16, block_length=block, threshold=1.0, stats=stats)
     assert torch.equal(fast, vanilla)
     assert stats["nfe"] == 16
 
 
 @pytest.mark.parametrize("alg", DREAM_KEYS)
-def test_threshold_above_one_equals_one_token_per_step_dream(random_dream, alg):
+def test_threshold_one_equals_one_token_per_step_dream(random_dream, alg):
     """Dream's own schedule is not one-per-step at steps == gen_length (int(16 * (1 - s/t)) is 0
     at the first step), so the comparison is with the Dream loop forced to one token per step."""
     prompt = torch.randint(2, 120, (2, 6), generator=torch.Generator().manual_seed(4))
     want = plain_dream(random_dream, prompt, 16, 16, 127, alg, one_per_step=True)
     stats = {}
-    fast = generate(random_dream, prompt, gen_length=16, steps=16, strategy=alg, threshold=1.5, stats=stats)
+    fast = generate(random_dream, prompt, gen_length=16, steps=16, strategy=alg, threshold=1.0, stats=stats)
     assert torch.equal(fast, want)
     assert stats["nfe"] == 16
+
+
+def test_threshold_outside_zero_one_and_lengths_beyond_the_positions_are_errors(llada):
+    prompt = torch.randint(3, 400, (1, 6), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+        generate(llada, prompt, gen_length=16, steps=16, threshold=1.5)
+    limit = llada.config.max_position_embeddings  # every family, not only BERT
+    with pytest.raises(ValueError, match=f"exceeds the model's {limit} positions; generate at most {limit - 6} tokens"):
+        generate(llada, prompt, gen_length=limit, steps=1, block_length=limit)
 
 
 def test_tiny_threshold_reveals_whole_block_from_one_forward(llada):

@@ -39,7 +39,7 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from .config import APP_KEYS, TrainConfig, load_config_file
-from .errors import ConfigError, DataError, UserError, report_unexpected_error, report_user_error
+from .errors import ERROR_PREFIX, ConfigError, DataError, UserError, report_unexpected_error, report_user_error
 from .hosts.standalone import StandaloneReporter
 
 CONFIG_FILE_NAME = "dllm_config.json"
@@ -194,8 +194,9 @@ def run_job(cfg: TrainConfig, reporter, *, gpu_count: int | None = None, poll_in
         _quietly(reporter.fail, str(e))
         return report_user_error(e)
     except KeyboardInterrupt:
-        _quietly(reporter.stopped, "interrupted before the end of training")
-        print("[dllm] interrupted", file=sys.stderr, flush=True)
+        where = f"; what was saved stays in {cfg.output_dir}" if cfg.output_dir else ""
+        _quietly(reporter.stopped, f"interrupted before the end of training{where}")
+        print(f"[dllm] interrupted{where}", file=sys.stderr, flush=True)
         return 130
     except Exception as e:  # noqa: BLE001 - one line here, the traceback in debug.log
         code = report_unexpected_error(e, debug_dir)
@@ -243,6 +244,8 @@ def _run_job(cfg: TrainConfig, reporter, *, gpu_count, poll_interval, log) -> in
         resolved = resolve_max_length(cfg, model_config)
         log(max_length_note(cfg, resolved, model_config))
         cfg = cfg.replace(max_length=resolved)
+
+    _refuse_over_another_run(cfg)  # the last check: another run's checkpoints are never overwritten
 
     if reporter.should_stop():  # stopped while it was queued
         reporter.stopped("stopped before training started")
@@ -331,7 +334,7 @@ def _run_job(cfg: TrainConfig, reporter, *, gpu_count, poll_interval, log) -> in
 def _host_worker_env(reporter) -> dict[str, str]:
     """A host that stops jobs by signalling every process (not through us) gets workers that save
     a checkpoint on that signal (callbacks.py)."""
-    from .training.callbacks import STOP_ON_SIGTERM_ENV
+    from .training.events import STOP_ON_SIGTERM_ENV
 
     return {STOP_ON_SIGTERM_ENV: "1"} if getattr(reporter, "stops_with_signal", False) else {}
 
@@ -376,18 +379,20 @@ def unique_model_name(cfg: TrainConfig, reporter, log) -> TrainConfig:
 
 def _resume_request(cfg: TrainConfig, reporter, log) -> TrainConfig:
     """resume_from_checkpoint as the workers get it (reliability; checkpoints.py):
-    a path stays; 'latest' becomes the newest valid checkpoint of output_dir (broken ones are logged
-    and skipped), else the checkpoint the app asks this job to resume from, if any (else it stays
-    'latest': a fresh start); '' becomes the app's checkpoint to resume, if any."""
+    a path stays; 'latest' becomes the newest checkpoint of output_dir (a broken one stops the job
+    with what is wrong: checkpoints.newest_checkpoint), else the checkpoint the app asks this job to
+    resume from, if any (else it stays 'latest': a fresh start); '' becomes the app's checkpoint to
+    resume, if any."""
     spec = cfg.resume_from_checkpoint.strip()
     if spec and spec != "latest":
         return cfg
     if spec == "latest":
-        from .training.checkpoints import latest_valid_checkpoint
+        from .training.checkpoints import newest_checkpoint
 
-        # this run's folder, then (Transformer Lab) the folders of the template's earlier jobs
+        # this run's folder, then (Transformer Lab) the folders of the template's earlier jobs; the
+        # newest checkpoint of the first folder that has one, or ConfigError when it is broken
         for folder in [cfg.output_dir, *reporter.earlier_run_dirs(cfg.output_dir)]:
-            found = latest_valid_checkpoint(folder, log=log) if os.path.isdir(folder) else None
+            found = newest_checkpoint(folder) if os.path.isdir(folder) else None
             if found:
                 log(f"[dllm] resume_from_checkpoint 'latest': {found}")
                 return cfg.replace(resume_from_checkpoint=found)
@@ -396,6 +401,17 @@ def _resume_request(cfg: TrainConfig, reporter, log) -> TrainConfig:
         log(f"[dllm] resuming from checkpoint {resume}")
         return cfg.replace(resume_from_checkpoint=resume)
     return cfg
+
+
+def _refuse_over_another_run(cfg: TrainConfig) -> None:
+    """A run that does not resume never writes into a folder holding another run's checkpoints
+    (they would be replaced, or deleted by rotation): checkpoints.refuse_fresh_run_over names
+    resume_from_checkpoint latest or a new output_dir. The Transformer Lab hosts give every job a
+    folder of its own, so re-queuing a template never meets this."""
+    from .training.checkpoints import refuse_fresh_run_over
+
+    if cfg.resume_from_checkpoint.strip() in ("", "latest"):
+        refuse_fresh_run_over(cfg.output_dir)
 
 
 def _preflight(cfg: TrainConfig, log):
@@ -407,8 +423,9 @@ def _preflight(cfg: TrainConfig, log):
 def _stopped(reporter, res, log) -> int:
     ckpts = [c for c in res.checkpoints if os.path.isdir(c)]
     where = f"; checkpoint {ckpts[-1]} (continue with resume_from_checkpoint: latest)" if ckpts else "; no checkpoint was saved"
-    reporter.stopped(f"stopped at step {res.step}{where}")
-    return 0
+    how = " (Ctrl-C)" if res.ctrl_c else ""
+    reporter.stopped(f"stopped{how} at step {res.step}{where}")
+    return 130 if res.ctrl_c else 0  # Ctrl-C: the shell's convention, so a calling script stops too
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,11 +433,24 @@ def _stopped(reporter, res, log) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="main.py",
-        description="Diffusion LLM Trainer: one training job. Inside Transformer Lab the plugin harness passes "
-                    "--input_file/--experiment_name; standalone, give --config FILE.json.",
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad command line is one `[dllm-error]` line (exit code 2), not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{ERROR_PREFIX}{message} (see {self.prog} --help)\n")
+
+
+# Arguments Transformer Lab's plugin harness (v0.30.x) leaves in sys.argv for the plugin.
+HARNESS_ARGS = ("--input_file", "--experiment_name", "--job_id", "--plugin_dir", "--workspace_dir")
+
+
+def _parser(prog: str = "main.py") -> argparse.ArgumentParser:
+    ap = _OneLineParser(
+        prog=prog,
+        description="Diffusion LLM Trainer: one training job. Standalone, give --config FILE.json; inside "
+                    "Transformer Lab the plugin harness passes --input_file/--experiment_name.",
+        epilog="Ctrl-C (or creating the file <output_dir>/STOP) stops after the step in progress and saves a "
+               "checkpoint; continue with resume_from_checkpoint: latest. A second Ctrl-C stops at once.",
     )
     ap.add_argument("--config", help="standalone: a JSON job config (the manifest's keys plus model_name, dataset_name, output_dir)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value (repeatable)")
@@ -438,8 +468,25 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects KEY=VALUE, got '{pair}'")
+        if not value.strip():
+            raise ConfigError(f"--set {key.strip()}= has no value; give one (--set {key.strip()}=VALUE), or leave the "
+                              "key out to keep the config file's value")
         out[key.strip()] = value
     return out
+
+
+def _unknown_arguments(unknown: list[str]) -> ConfigError:
+    """The standalone command line takes only --config and --set: say how to set a config value."""
+    first = unknown[0]
+    key = first[2:].partition("=")[0] if first.startswith("--") else ""
+    known = set(TrainConfig.__dataclass_fields__)
+    if key in known or key.replace("-", "_") in known:
+        name = key.replace("-", "_")
+        value = first.partition("=")[2] or (unknown[1] if len(unknown) > 1 and not unknown[1].startswith("--") else "VALUE")
+        hint = f"; config values are set with --set {name}={value} (or in the config file)"
+    else:
+        hint = "; the options are --config FILE.json and --set KEY=VALUE"
+    return ConfigError(f"unknown argument{'s' if len(unknown) > 1 else ''}: {' '.join(unknown)}{hint}")
 
 
 class _Terminated(KeyboardInterrupt):
@@ -460,21 +507,29 @@ def _install_sigterm() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, unknown = _parser().parse_known_args(argv)
+def main(argv: list[str] | None = None, prog: str = "main.py") -> int:
+    args, unknown = _parser(prog).parse_known_args(argv)
+    from .hosts.tlab_task import launched_as_task
+
+    hosted = bool(args.input_file) or (not args.config and launched_as_task())
+    if unknown and not hosted:
+        return report_user_error(_unknown_arguments(unknown))
+    if unknown:  # the app's harness may pass arguments of its own; they are not ours to judge
+        print(f"[dllm] note: ignoring arguments this trainer does not use: {' '.join(unknown)}", flush=True)
     restore = _install_sigterm()
     try:
         if args.input_file:
             return _main_tlab(args)
         if args.config:
             return _main_standalone(args)
-        from .hosts.tlab_task import launched_as_task
-
         if launched_as_task():
             return _main_task(args)
-        print("[dllm-error] give --config FILE.json (standalone) or --input_file FILE (Transformer Lab); "
-              "see --help", file=sys.stderr, flush=True)
+        print(f"{ERROR_PREFIX}give --config FILE.json (standalone) or --input_file FILE (Transformer Lab); "
+              f"see {prog} --help", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # before or after a job (run_job handles its own)
+        print("[dllm] interrupted", file=sys.stderr, flush=True)
+        return 130
     finally:
         restore()
 

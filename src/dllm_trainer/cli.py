@@ -8,6 +8,9 @@
     dllm-trainer demo                                             the bundled CPU demo
     dllm-trainer manifest [--manifest index.json] [--task-yaml task.yaml]   the app forms, from config.py
     dllm-trainer memory-plan --config job.json [--gpus N]          estimated peak GPU memory of a job (--readme: 8B table)
+
+`dllm-trainer COMMAND --help` describes a command. Stopping a training run: Ctrl-C (or creating
+<output_dir>/STOP) stops after the step in progress and saves a checkpoint; a second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
@@ -17,7 +20,15 @@ COMMANDS = ("train", "generate", "chat", "playground", "eval", "demo", "manifest
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:  # Ctrl-C at any moment (also while torch is imported): no traceback
+        print("[dllm] interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
+    # This module and the ones it imports before a command runs import neither torch nor transformers.
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
@@ -25,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "train":
         from .app import main as app_main
 
-        return app_main(rest)
+        return app_main(rest, prog="dllm-trainer train")
     if cmd in ("generate", "chat"):
         from .sampling.chat import main as chat_main
 

@@ -179,6 +179,9 @@ class TrainConfig:
             raise ConfigError("model_name is required: a local model folder, a workspace model name or a Hub id")
         if not self.dataset_name.strip():
             raise ConfigError("dataset_name is required: a local dataset folder or file, a workspace dataset name or a Hub id")
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir is empty: give the folder for checkpoints, logs and the final model "
+                              "(an empty value would mean the current folder)")
         if self.min_mask_ratio >= self.max_mask_ratio:
             raise ConfigError(
                 f"min_mask_ratio ({self.min_mask_ratio}) must be smaller than max_mask_ratio ({self.max_mask_ratio})"

@@ -77,7 +77,15 @@ def run_demo(output_dir: str, *, train_steps: int = 200, batch_size: int = 32, l
     from .config import TrainConfig
     from .training.train import run_training
 
+    from .training.checkpoints import list_checkpoints
+
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if os.path.isdir(output_dir) and list_checkpoints(output_dir):  # an earlier demo: kept, never overwritten
+        base, n = output_dir.rstrip("/"), 2
+        while os.path.isdir(f"{base}-{n}") and os.listdir(f"{base}-{n}"):
+            n += 1
+        print(f"[demo] {output_dir} holds an earlier demo run (kept); this one writes to {base}-{n}", flush=True)
+        output_dir = f"{base}-{n}"
     os.makedirs(output_dir, exist_ok=True)
     train_rows, test_rows = make_task(seed=seed)
     data_file = os.path.join(output_dir, "reverse_task.jsonl")
@@ -117,6 +125,9 @@ def run_demo(output_dir: str, *, train_steps: int = 200, batch_size: int = 32, l
     t0 = time.perf_counter()
     result = run_training(cfg)
     train_seconds = time.perf_counter() - t0
+    if result.stopped:  # Ctrl-C: the checkpoint is kept, nothing to evaluate
+        print(f"[demo] stopped at step {result.global_step}; the checkpoint is in {output_dir}", flush=True)
+        return {"stopped": True, "global_step": result.global_step, "output_dir": output_dir}
 
     after_model = AutoModelForMaskedLM.from_pretrained(result.final_model_dir)
     after = exact_match(after_model, AutoTokenizer.from_pretrained(result.final_model_dir), test_rows)
@@ -148,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     summary = run_demo(args.output_dir, train_steps=args.train_steps, batch_size=args.batch_size,
                        learning_rate=args.learning_rate, seed=args.seed)
+    if summary.get("stopped"):
+        return 130
     return 0 if summary["exact_match_after"] >= 0.8 else 1
 
 

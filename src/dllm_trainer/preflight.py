@@ -5,7 +5,7 @@ about a second with one clear message instead of after the workers have started 
 workers, instead of once per worker):
 
 - output_dir (and adaptor_output_dir) can be created and written;
-- resume_from_checkpoint, when a path, is a complete checkpoint (checkpoints.py);
+- resume_from_checkpoint, when a path, is a complete checkpoint that fits this run (checkpoints.py);
 - a LOCAL model: the folder exists and is a Hugging Face model (config.json), its architecture fits
   training_method, max_length fits its positions, its weights exist and every safetensors file is
   intact, its tokenizer loads and has a mask token or can be given one;
@@ -37,7 +37,7 @@ def run_preflight(cfg: TrainConfig, *, log=print):
     check_output_dir(cfg.output_dir, "output_dir")
     if cfg.adaptor_output_dir.strip():
         check_output_dir(os.path.dirname(os.path.abspath(cfg.adaptor_output_dir)) or ".", "adaptor_output_dir")
-    check_resume(cfg)
+    check_resume(cfg, log=log)
     if cfg.trust_remote_code:
         log("[dllm] warning: trust_remote_code is on: Python code shipped with the model "
             f"'{cfg.model_name}' will run. Turn it off unless you trust that code")
@@ -70,12 +70,15 @@ def check_output_dir(path: str, field: str) -> None:
                           "user can create and write") from None
 
 
-def check_resume(cfg: TrainConfig) -> None:
+def check_resume(cfg: TrainConfig, log=print) -> None:
+    """A checkpoint path must be complete and fit this run (same model, method, LoRA settings);
+    settings a resume accepts but that change the run (length, schedule, batch) are stated."""
     spec = cfg.resume_from_checkpoint.strip()
     if spec and spec != "latest":
-        from .training.checkpoints import resolve_resume
+        from .training.checkpoints import check_checkpoint_fits, resolve_resume
 
         resolve_resume(spec, cfg.output_dir)
+        check_checkpoint_fits(spec, cfg, log=log)
 
 
 def check_model(cfg: TrainConfig):

@@ -14,10 +14,16 @@ chat:      reads lines from stdin and prints one reply per line, keeping the con
 Shared settings: --steps, --gen-length, --block-length, --temperature, --strategy,
 --threshold, --cache, --cfg-scale, --seed, --device, --dtype, --no-stop-at-eos.
 
-Loading: importing dllm_trainer registers our LLaDA/Dream classes with transformers' Auto
-classes, so local folders (our fused outputs) and public checkpoints load without
+Loading: our LLaDA/Dream classes are registered with transformers' Auto classes, so local
+folders (our fused outputs, full fine-tune checkpoints) and public checkpoints load without
 trust_remote_code; each family's Auto class loads its checkpoints (BERT family: AutoModelForMaskedLM;
-a2d: AutoModelForCausalLM, made bidirectional again from the config marker).
+a2d: AutoModelForCausalLM, made bidirectional again from the config marker). A LoRA adaptor folder
+or a LoRA training checkpoint loads its base model (adapter_config.json) with the adaptor merged
+in memory; when the base cannot be loaded, the message points to the fused model.
+
+Limits: prompt + generated tokens must fit the model's positions; --threshold is in (0, 1];
+--device is auto, cpu, cuda, cuda:N or mps. Ctrl-C while a reply is generated cancels that reply
+(the chat goes on); Ctrl-C at the prompt ends the session.
 
 Bad input (missing model, unknown strategy, ...) prints one ``error: ...`` line to stderr and
 returns exit code 2; no traceback.
@@ -96,8 +102,8 @@ def _validate(args) -> None:
             raise CLIError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'gen_length' else '>= 1'} (got {v})")
     if args.temperature < 0:
         raise CLIError(f"--temperature must be >= 0 (got {args.temperature})")
-    if args.threshold is not None and args.threshold <= 0:
-        raise CLIError(f"--threshold must be > 0 (got {args.threshold})")
+    if args.threshold is not None and not (0 < args.threshold <= 1):
+        raise CLIError(f"--threshold must be in (0, 1]: the probability a proposal must exceed (got {args.threshold})")
     if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise CLIError(f"unknown --dtype '{args.dtype}' (allowed: auto, float32, bfloat16, float16)")
 
@@ -115,7 +121,11 @@ class Session:
     device: torch.device
 
 
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+
+
 def _resolve_device(name: str) -> torch.device:
+    name = (name or "auto").strip().lower()
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -123,9 +133,18 @@ def _resolve_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise CLIError(f"unknown --device '{name}' (e.g. auto, cpu, cuda, cuda:0)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: no CUDA GPU is visible")
+        raise CLIError(f"unknown --device '{name}' (allowed: {DEVICES})") from None
+    if dev.type not in ("cpu", "cuda", "mps") or (dev.type != "cuda" and dev.index not in (None, 0)):
+        raise CLIError(f"unsupported --device '{name}' (allowed: {DEVICES})")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: no CUDA GPU is visible (use --device cpu)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise CLIError(f"--device {name}: only {count} CUDA GPU{'s are' if count != 1 else ' is'} visible "
+                           f"(cuda:0..cuda:{count - 1})")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CLIError(f"--device {name}: Apple's MPS is not available on this machine (use --device cpu)")
     return dev
 
 
@@ -144,9 +163,11 @@ def load_session(path: str, device: str = "auto", dtype: str = "auto") -> Sessio
     if not path:
         raise CLIError("--model is empty")
     looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1  # Hub ids: "name" or "org/name"
+    adaptor = None
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ModelError(f"model folder '{path}' has no config.json")
+        adaptor = _adaptor_base(path)
+        if adaptor is None and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelError(f"model folder '{path}' has no config.json (neither a model nor a LoRA adaptor)")
     elif os.path.exists(path):
         raise ModelError(f"model path '{path}' is a file; give the model folder")
     elif looks_local:
@@ -159,10 +180,14 @@ def load_session(path: str, device: str = "auto", dtype: str = "auto") -> Sessio
 
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # no "Loading weights" bars in a CLI
+    if not _isatty(sys.stderr):
+        hf_logging.disable_progress_bar()  # loading bars for a person at a terminal, not in a script's output
+    weights = adaptor or path  # a LoRA adaptor (or LoRA checkpoint): its base model, then the adaptor on top
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(weights)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
+        if adaptor:
+            raise ModelError(_adaptor_help(path, adaptor, _first_line(e))) from None
         raise ModelError(f"cannot load the config of model '{path}': {_first_line(e)}") from None
     family = family_of_model_type(getattr(config, "model_type", None))
     if family is None:
@@ -171,24 +196,29 @@ def load_session(path: str, device: str = "auto", dtype: str = "auto") -> Sessio
             f"diffusion LM (LLaDA, Dream, a BERT-family masked LM or a causal LM converted by a2d)"
         )
     family = family.for_config(config)  # a2d: the logits shift from the config marker (none: not converted)
+    tok_path = path if (not adaptor or _has_tokenizer(path)) else adaptor  # training saves it beside the adaptor
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(tok_path)
     except Exception as e:  # noqa: BLE001
-        tok_file = os.path.join(path, "tokenizer.json")
+        tok_file = os.path.join(tok_path, "tokenizer.json")
         if os.path.isfile(tok_file):  # e.g. a tokenizer_config.json pointing at custom code
-            tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+            tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(tok_path)
         else:
             raise ModelError(f"cannot load a tokenizer for model '{path}': {_first_line(e)}") from None
     auto_cls = getattr(transformers, family.auto_class)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the multi-line load report is replaced by one warning below
+    from ..training.loading import quiet_load_report
+
     try:
-        model, info = auto_cls.from_pretrained(path, config=config, dtype=torch_dtype, output_loading_info=True)
+        with quiet_load_report():  # the multi-line load report is replaced by one warning below
+            model, info = auto_cls.from_pretrained(weights, config=config, dtype=torch_dtype, output_loading_info=True)
     except Exception as e:  # noqa: BLE001
+        if adaptor:
+            raise ModelError(_adaptor_help(path, adaptor, _first_line(e))) from None
         raise ModelError(f"cannot load the weights of model '{path}': {_first_line(e)}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     missing = list(info.get("missing_keys", []) or [])
+    if adaptor:
+        model = _apply_adaptor(model, tokenizer, path, adaptor)
+        missing = []  # the adaptor brings what the base lacks (e.g. a trained masked-LM head)
     if missing:
         print(
             f"warning: {len(missing)} weights of '{path}' are not in the checkpoint and were initialised at "
@@ -215,6 +245,55 @@ def load_session(path: str, device: str = "auto", dtype: str = "auto") -> Sessio
         eos = getattr(tokenizer, "sep_token_id", None)
     eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
     return Session(model, tokenizer, family, int(mask_id), eos_ids, dev)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+
+
+def _adaptor_base(path: str) -> str | None:
+    """The base model of a LoRA adaptor folder (also a LoRA training checkpoint), else None."""
+    cfg_file = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(cfg_file) or os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    import json
+
+    try:
+        with open(cfg_file, encoding="utf-8") as fh:
+            base = json.load(fh).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    if not base:
+        raise ModelError(f"'{path}' is a LoRA adaptor whose adapter_config.json names no base model; "
+                         "sample from the fused model instead (<output_dir>/models/<name>)")
+    return str(base)
+
+
+def _adaptor_help(path: str, base: str, why: str) -> str:
+    return (f"'{path}' is a LoRA adaptor (or a LoRA checkpoint) of the base model '{base}', which cannot be loaded "
+            f"({why}); sample from the fused model instead (<output_dir>/models/<name>, or the model in "
+            "Transformer Lab's Foundation tab)")
+
+
+def _apply_adaptor(model, tokenizer, path: str, base: str):
+    """Base + adaptor, merged in memory (as the fused model is made: training/export.py)."""
+    from peft import PeftModel
+
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))  # training added a mask token
+    if getattr(tokenizer, "mask_token_id", None) is not None and getattr(model.config, "mask_token_id", None) is None:
+        model.config.mask_token_id = tokenizer.mask_token_id
+    try:
+        return PeftModel.from_pretrained(model, path).merge_and_unload()
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(_adaptor_help(path, base, _first_line(e))) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +426,7 @@ def run_generate(args, stdout=None, stderr=None) -> int:
     except (UserError, OSError) as e:
         return _fail(e, stderr)
     except KeyboardInterrupt:
+        print("interrupted", file=stderr, flush=True)
         return 130
 
 
@@ -388,9 +468,10 @@ class ChatState:
         return DEFAULT_GEN_LENGTH if not self.args.gen_length else self.args.gen_length
 
     def say(self, text: str) -> str:
+        # the conversation changes only once the reply exists (an error or Ctrl-C leaves it as it was)
+        messages = self.messages + [{"role": "user", "content": text}]
         if self.use_template:
-            self.messages.append({"role": "user", "content": text})
-            prompt = encode_chat(self.sess, self.messages)
+            prompt = encode_chat(self.sess, messages)
         else:
             sep = "" if not self.last_reply and self.ids == _prefix_ids(self.sess) else "\n"
             prompt = self.ids + list(self.sess.tokenizer(sep + text, add_special_tokens=False)["input_ids"])
@@ -398,7 +479,7 @@ class ChatState:
         reply_ids = _until_eos(self.sess, out[len(prompt):])
         reply = self.sess.tokenizer.decode(reply_ids, skip_special_tokens=True)
         if self.use_template:
-            self.messages.append({"role": "assistant", "content": reply})
+            self.messages = messages + [{"role": "assistant", "content": reply}]
         self.ids = prompt + reply_ids
         self.last_reply = reply
         return reply
@@ -455,6 +536,9 @@ def run_chat(args, stdin=None, stdout=None, stderr=None) -> int:
         sess = _start_session(args)
     except (UserError, OSError) as e:
         return _fail(e, stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=stderr, flush=True)
+        return 130
     state = ChatState(sess, args)
     interactive = hasattr(stdin, "isatty") and stdin.isatty()
     if interactive:
@@ -464,7 +548,9 @@ def run_chat(args, stdin=None, stdout=None, stderr=None) -> int:
             print("> ", end="", file=stdout, flush=True)
         try:
             line = stdin.readline()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C at the prompt ends the session, like :quit
+            if interactive:
+                print(file=stdout, flush=True)
             return 0
         if not line:
             return 0
@@ -504,6 +590,9 @@ def run_chat(args, stdin=None, stdout=None, stderr=None) -> int:
         except UserError as e:
             # a bad command does not end the session
             print(f"error: {e}", file=stderr, flush=True)
+        except KeyboardInterrupt:
+            # Ctrl-C while a reply is generated cancels that reply; the conversation stays as it was
+            print("(interrupted; Ctrl-C at the prompt or :quit ends the session)", file=stderr, flush=True)
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):

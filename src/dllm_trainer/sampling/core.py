@@ -30,6 +30,7 @@ proposal probability exceeds ``threshold`` is revealed, and at least the best-sc
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -98,8 +99,8 @@ def _options(family, options: dict) -> GenerateOptions:
         raise ValueError(f"unknown cache mode '{opts.cache}' (allowed: none, prefix, dual)")
     if opts.cache is not None and not family.native_masked_head:
         raise ValueError(f"cache='{opts.cache}' needs a LLaDA or Dream model (model family: {family.name})")
-    if opts.threshold is not None and not (opts.threshold > 0):
-        raise ValueError(f"threshold must be > 0 (got {opts.threshold})")
+    if opts.threshold is not None and not (0 < opts.threshold <= 1):
+        raise ValueError(f"threshold must be in (0, 1]: a probability a proposal must exceed (got {opts.threshold})")
     if opts.cfg_scale < 0:
         raise ValueError(f"cfg_scale must be >= 0 (got {opts.cfg_scale})")
     if opts.top_p is not None and not (0 < opts.top_p <= 1):
@@ -109,6 +110,32 @@ def _options(family, options: dict) -> GenerateOptions:
     if not (0 < opts.eps < 1):
         raise ValueError(f"eps must be in (0, 1) (got {opts.eps})")
     return opts
+
+
+def _max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "max_sequence_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _token_ids(prompt_ids, attention_mask):
+    """(ids, attention_mask) from what a tokenizer returns: a tensor or list of ids, or the dict /
+    BatchEncoding of `tokenizer(...)` and of `apply_chat_template(..., return_tensors="pt")` in
+    transformers 5 (its attention_mask is used unless one is passed)."""
+    if isinstance(prompt_ids, Mapping):
+        if "input_ids" not in prompt_ids:
+            raise ValueError(f"prompt_ids is a dict without 'input_ids' (keys: {', '.join(map(str, prompt_ids))}); pass "
+                             "token ids, or what the tokenizer returns")
+        if attention_mask is None:
+            attention_mask = prompt_ids.get("attention_mask")
+        prompt_ids = prompt_ids["input_ids"]
+    if isinstance(prompt_ids, (str, bytes)) or (isinstance(prompt_ids, (list, tuple)) and prompt_ids
+                                                 and isinstance(prompt_ids[0], str)):
+        raise ValueError("prompt_ids must be token ids, not text: tokenize first, e.g. tokenizer.apply_chat_template("
+                         "messages, add_generation_prompt=True, return_tensors='pt') or tokenizer(text)['input_ids']")
+    return prompt_ids, attention_mask
 
 
 def _eos_ids(model, opts: GenerateOptions) -> list[int]:
@@ -162,7 +189,12 @@ def generate(
         raise ValueError(f"temperature must be >= 0 (got {temperature})")
 
     device = _device(model)
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+    prompt_ids, attention_mask = _token_ids(prompt_ids, attention_mask)
+    try:
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"prompt_ids must be a LongTensor [B, P] or [P], a list of token ids, or what the tokenizer "
+                         f"returns (a dict / BatchEncoding with 'input_ids'); got {type(prompt_ids).__name__}") from None
     was_1d = prompt.dim() == 1
     if was_1d:
         prompt = prompt.unsqueeze(0)
@@ -191,9 +223,12 @@ def generate(
         )
     steps_per_block = steps // num_blocks
     total = prompt_len + gen_length
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if family.name == "bert" and max_pos is not None and total > max_pos:
-        raise ValueError(f"prompt + gen_length = {total} exceeds the model's {max_pos} positions")
+    max_pos = _max_positions(model.config)
+    if max_pos is not None and total > max_pos:
+        raise ValueError(
+            f"prompt ({prompt_len} tokens) + gen_length ({gen_length}) = {total} exceeds the model's {max_pos} "
+            f"positions; generate at most {max(0, max_pos - prompt_len)} tokens after this prompt"
+        )
 
     x = torch.full((batch, total), mask_token_id, dtype=torch.long, device=device)
     x[:, :prompt_len] = prompt

@@ -1,28 +1,31 @@
 """Trainer callbacks shared by every way of running a job.
 
 Workers talk to the launching process through their output stream and the file system only, so
-the Transformer Lab SDK never has to be imported inside a worker:
+the Transformer Lab SDK never has to be imported inside a worker (the protocol: events.py):
 
-- progress and metrics are printed as one-line JSON events (`[dllm-event] {...}`), which the
-  launcher parses from the stream (and a human reads in the live log);
-- a stop request is a file, `<output_dir>/STOP`, that the launcher writes; every worker checks it
-  at each step, so all ranks stop at the same step and save one checkpoint. Under a host that stops
-  jobs by sending SIGTERM to every process (the current Transformer Lab), the launcher sets
-  STOP_ON_SIGTERM_ENV and that signal is a stop request too.
+- progress, metrics and checkpoints are `[dllm-event]` JSON lines when the process is a launched
+  worker (the launcher turns each into one human line); run in-process, the same callback prints
+  the human line itself;
+- HF's own progress callback is replaced by `ConsoleProgressCallback`: the same bars, without
+  HF printing every log dict beside our line;
+- a stop request is a file, `<output_dir>/STOP`, that the launcher (or Ctrl-C in-process)
+  writes; every worker checks it at each step, so all ranks stop at the same step and save one
+  checkpoint. Under a host that stops jobs by sending SIGTERM to every process (the current
+  Transformer Lab), the launcher sets STOP_ON_SIGTERM_ENV and that signal is a stop request too.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import signal
 import threading
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
-EVENT_PREFIX = "[dllm-event] "
-STOP_FILE = "STOP"
-STOP_ON_SIGTERM_ENV = "DLLM_STOP_ON_SIGTERM"
+from .events import (  # noqa: F401
+    EVENT_PREFIX, STOP_FILE, STOP_ON_SIGTERM_ENV, describe_metrics, emit_event, events_enabled, parse_event,
+)
+
 _signalled = threading.Event()
 
 
@@ -34,44 +37,70 @@ def stop_on_sigterm() -> None:
         pass
 
 
-def emit_event(kind: str, **payload) -> None:
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in payload.items()}
-    print(EVENT_PREFIX + json.dumps({"event": kind, **clean}), flush=True)
-
-
-def parse_event(line: str) -> dict | None:
-    if not line.startswith(EVENT_PREFIX):
-        return None
-    try:
-        ev = json.loads(line[len(EVENT_PREFIX):])
-    except json.JSONDecodeError:
-        return None
-    return ev if isinstance(ev, dict) and "event" in ev else None
-
-
 class EventCallback(TrainerCallback):
-    """Progress and metrics as events, from the main process only."""
+    """Progress and metrics, from the main process only: events for the launcher, or (run
+    in-process) one printed line per logging step and checkpoint."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            emit_event("train_begin", max_steps=state.max_steps)
+            if events_enabled():
+                emit_event("train_begin", max_steps=state.max_steps)
+            else:
+                _write(f"[dllm] training started: {state.max_steps} optimizer steps")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if state.is_world_process_zero and events_enabled():
             emit_event("progress", step=state.global_step, max_steps=state.max_steps)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             scalars = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
-            emit_event("metrics", step=state.global_step, **scalars)
+            if events_enabled():
+                emit_event("metrics", step=state.global_step, **scalars)
+            else:
+                _write(describe_metrics(scalars, state.global_step, state.max_steps))
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            emit_event("checkpoint", step=state.global_step, path=os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if events_enabled():
+                emit_event("checkpoint", step=state.global_step, path=path)
+            else:
+                _write(f"[dllm] checkpoint saved: {path}")
+
+
+def _write(line: str) -> None:
+    """A line above the progress bar (tqdm.write keeps a bar that redraws in place intact)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)
+
+
+class ConsoleProgressCallback(ProgressCallback):
+    """HF's progress bars without HF's log-dict lines (EventCallback writes one line per log).
+
+    The evaluation bar takes the training bar's line while it runs (leave=False) instead of a
+    second line below it: nested bars move the cursor up, which a relayed log cannot show."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if state.is_world_process_zero and self.prediction_bar is None and eval_dataloader is not None:
+            from tqdm.auto import tqdm
+
+            try:
+                total = len(eval_dataloader)
+            except TypeError:
+                total = None
+            self.prediction_bar = tqdm(total=total, leave=False, position=0, dynamic_ncols=True, desc="evaluating")
+        if state.is_world_process_zero and self.prediction_bar is not None:
+            self.prediction_bar.update(1)
 
 
 class StopFileCallback(TrainerCallback):
-    """Stops cleanly (with a checkpoint) when the launcher writes <output_dir>/STOP."""
+    """Stops cleanly (with a checkpoint) when <output_dir>/STOP appears (written by the launcher
+    for the app's Stop button or Ctrl-C, by Ctrl-C in-process, or by hand)."""
 
     def __init__(self, output_dir: str):
         self.path = os.path.join(output_dir, STOP_FILE)
@@ -84,6 +113,7 @@ class StopFileCallback(TrainerCallback):
             self.stopped = True
             control.should_training_stop = True
             control.should_save = True
+            control.should_evaluate = False  # a stop saves and ends; nothing else runs
         return control
 
 
@@ -106,7 +136,9 @@ class SampleCallback(TrainerCallback):
     rank 0 prints the text and writes it to TensorBoard.
     """
 
-    def __init__(self, prompts: list[str], tokenizer, *, every: int, gen_length: int, steps: int, log_dir: str):
+    def __init__(self, prompts: list[str], tokenizer, *, every: int, gen_length: int, steps: int, log_dir: str,
+                 stopper: "StopFileCallback | None" = None):
+        self.stopper = stopper  # after a stop request nothing more runs (no samples either)
         self.prompts = prompts
         self.tokenizer = tokenizer
         self.every = every
@@ -116,12 +148,15 @@ class SampleCallback(TrainerCallback):
         self._writer = None
         self.history: list[tuple[int, str, str]] = []
 
+    def _stopping(self) -> bool:
+        return self.stopper is not None and self.stopper.stopped
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.every and state.global_step % self.every == 0:
+        if self.every and state.global_step % self.every == 0 and not self._stopping():
             self._sample(state, model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if not self.history or self.history[-1][0] != state.global_step:
+        if (not self.history or self.history[-1][0] != state.global_step) and not self._stopping():
             self._sample(state, model)
 
     def _sample(self, state, model):

@@ -245,7 +245,8 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 
 
 def latest_valid_checkpoint(output_dir: str, *, log=print) -> str | None:
-    """The highest-step usable checkpoint in output_dir; each broken one is logged and skipped."""
+    """The highest-step usable checkpoint in output_dir; each broken one is logged and skipped
+    (for messages such as "the last complete checkpoint is kept"; a resume uses newest_checkpoint)."""
     for _, path in list_checkpoints(output_dir):
         problems = checkpoint_problems(path)
         if not problems:
@@ -255,17 +256,60 @@ def latest_valid_checkpoint(output_dir: str, *, log=print) -> str | None:
     return None
 
 
+def _weights_intact(path: str) -> bool:
+    try:
+        files = set(os.listdir(path))
+    except OSError:
+        return False
+    weights = [f for f in files if f in WEIGHT_FILES or f.endswith(".safetensors")]
+    if not any(f in files for f in WEIGHT_FILES):
+        return False
+    for f in weights:
+        p = os.path.join(path, f)
+        if f.endswith(".safetensors") and safetensors_problem(p):
+            return False
+        if f.endswith(".bin") and torch_file_problem(p):
+            return False
+    return True
+
+
+def newest_checkpoint(output_dir: str) -> str | None:
+    """What resume_from_checkpoint 'latest' resumes from: the highest-step checkpoint-N of
+    output_dir (None when there is none). When that one is broken, nothing is skipped silently:
+    ConfigError says exactly what is wrong, whether its weights are intact, and the choices
+    (an older valid checkpoint by path, or moving the broken one away). Nothing is changed on disk."""
+    ckpts = list_checkpoints(output_dir)
+    if not ckpts:
+        return None
+    step, path = ckpts[0]
+    problems = checkpoint_problems(path)
+    if not problems:
+        return path
+    older = next((p for _, p in ckpts[1:] if not checkpoint_problems(p)), None)
+    weights = ("its model weights are intact (they still load as a model, e.g. dllm-trainer generate --model "
+               f"{path})" if _weights_intact(path) else "its model weights are damaged too")
+    if older:
+        choice = (f"to continue from the older checkpoint set resume_from_checkpoint: {older} (the steps after "
+                  f"{os.path.basename(older)} are trained again), or move {os.path.basename(path)} out of {output_dir} first")
+    else:
+        choice = "there is no older valid checkpoint: start a new run in a new output_dir"
+    raise ConfigError(
+        f"resume_from_checkpoint 'latest': the newest checkpoint {path} (step {step}) cannot be resumed: "
+        f"{'; '.join(problems[:3])}. {weights[0].upper()}{weights[1:]}. Nothing was changed; {choice}"
+    )
+
+
 def resolve_resume(spec: str, output_dir: str, *, log=print) -> str | None:
     """resume_from_checkpoint -> a checkpoint folder or None. '' -> None; 'latest' -> the newest
-    valid checkpoint-N of output_dir (None, with a log line, when there is none); a path -> that
-    folder, ConfigError when it is missing or unusable."""
+    checkpoint-N of output_dir (None, with a log line, when there is none; ConfigError when it is
+    broken: newest_checkpoint); a path -> that folder, ConfigError when it is missing or unusable."""
     spec = (spec or "").strip()
     if not spec:
         return None
     if spec == "latest":
-        found = latest_valid_checkpoint(output_dir, log=log)
+        found = newest_checkpoint(output_dir) if os.path.isdir(output_dir) else None
         if found is None:
-            log(f"[dllm] resume_from_checkpoint 'latest': no valid checkpoint in {output_dir}, starting fresh")
+            log(f"[dllm] resume_from_checkpoint 'latest': no checkpoint in {output_dir} yet, starting fresh")
         return found
     if not os.path.isdir(spec):
         raise ConfigError(f"resume_from_checkpoint '{spec}' is not a checkpoint folder (give 'latest', or a "
@@ -274,6 +318,123 @@ def resolve_resume(spec: str, output_dir: str, *, log=print) -> str | None:
     if problems:
         raise ConfigError(f"resume_from_checkpoint '{spec}' is incomplete or corrupt: {'; '.join(problems[:3])}")
     return spec
+
+
+def refuse_fresh_run_over(output_dir: str) -> None:
+    """A run that does not resume must not write into a folder holding another run's checkpoints:
+    its checkpoint-N folders would be replaced, and rotation (save_total_limit) would delete them."""
+    ckpts = list_checkpoints(output_dir) if os.path.isdir(output_dir) else []
+    if ckpts:
+        names = ", ".join(os.path.basename(p) for _, p in sorted(ckpts)[-3:])
+        raise ConfigError(
+            f"output_dir '{output_dir}' already holds checkpoints of another run ({names}); this run does not resume, "
+            "so they would be overwritten or deleted. To continue that run set resume_from_checkpoint: latest; "
+            "to start a new one choose a new output_dir"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Does a checkpoint fit this run? (resume)
+# ---------------------------------------------------------------------------------------------
+
+# What a checkpoint remembers about its run (manifest "run"); written by AtomicCheckpointWriter.
+_FIT_KEYS = (("model_name", "model"), ("training_method", "training_method"), ("lora", "LoRA"),
+             ("lora_r", "LoRA rank"), ("lora_alpha", "lora_alpha"), ("lora_target_modules", "lora_target_modules"))
+_SCHEDULE_KEYS = ("num_train_epochs", "train_steps", "learning_rate", "learning_rate_schedule", "warmup_ratio",
+                  "batch_size", "gradient_accumulation_steps")
+
+
+def run_record(cfg, *, trainable_parameters: int | None = None) -> dict:
+    rec = {"model_name": cfg.model_name, "training_method": cfg.training_method, "lora": cfg.lora,
+           "lora_r": cfg.lora_r if cfg.lora else None, "lora_alpha": cfg.lora_alpha if cfg.lora else None,
+           "lora_target_modules": cfg.lora_target_modules if cfg.lora else None,
+           "trainable_parameters": trainable_parameters}
+    rec.update({k: getattr(cfg, k) for k in _SCHEDULE_KEYS})
+    if not cfg.trains_by_steps:
+        rec["train_steps"] = None  # not used when training by epochs
+    return rec
+
+
+def checkpoint_run(path: str) -> dict:
+    """The run record of a checkpoint: the manifest's, else what its files tell (LoRA adaptor
+    config or a full model) for checkpoints written before records existed."""
+    try:
+        with open(os.path.join(path, MANIFEST_NAME), encoding="utf-8") as fh:
+            rec = json.load(fh).get("run")
+        if isinstance(rec, dict):
+            return rec
+    except (OSError, ValueError, AttributeError):
+        pass
+    rec: dict = {}
+    try:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as fh:
+            adapter = json.load(fh)
+        rec.update(lora=True, lora_r=adapter.get("r"), lora_alpha=adapter.get("lora_alpha"))
+        if adapter.get("base_model_name_or_path"):
+            rec["model_name"] = adapter["base_model_name_or_path"]
+    except (OSError, ValueError, AttributeError):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            rec["lora"] = False
+    return rec
+
+
+def _same_model(a, b) -> bool:
+    a, b = str(a or "").strip(), str(b or "").strip()
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
+
+
+def check_checkpoint_fits(path: str, cfg, *, log=None, trainable_parameters: int | None = None) -> None:
+    """ConfigError naming every difference that makes checkpoint `path` unusable for this run
+    (model, method, LoRA on/off, rank, alpha, targets, trainable parameters); then, through `log`,
+    one line per changed setting that a resume accepts but that changes the run (length,
+    learning-rate schedule, batch)."""
+    rec = checkpoint_run(path)
+    now = run_record(cfg, trainable_parameters=trainable_parameters)
+    diffs = []
+    for key, label in _FIT_KEYS:
+        if key not in rec or rec[key] is None and key != "lora":
+            continue
+        if key == "lora_target_modules" and not now["lora"]:
+            continue
+        same = _same_model(rec[key], now[key]) if key == "model_name" else rec[key] == now[key]
+        if not same:
+            diffs.append(f"{label}: checkpoint {_show(rec[key])}, this run {_show(now[key])}")
+    if trainable_parameters is not None and isinstance(rec.get("trainable_parameters"), int) \
+            and rec["trainable_parameters"] != trainable_parameters:
+        diffs.append(f"trainable parameters: checkpoint {rec['trainable_parameters']:,}, this run {trainable_parameters:,}")
+    if diffs:
+        raise ConfigError(
+            f"resume_from_checkpoint '{path}' does not fit this run: {'; '.join(diffs)}. Resume with the "
+            "checkpoint's settings, or start a new run in a new output_dir"
+        )
+    if log is None:
+        return
+    for key in _SCHEDULE_KEYS:
+        if key in rec and rec[key] is not None and now[key] is not None and rec[key] != now[key]:
+            log(f"[dllm] note: resuming with {key} {_show(now[key])} (the checkpoint's run had {_show(rec[key])}): "
+                + _SCHEDULE_NOTE.get(key, "the rest of the run follows the new value"))
+
+
+_SCHEDULE_NOTE = {
+    "train_steps": "the run ends at the new step count and the learning-rate schedule is recomputed for it "
+                   "(the learning rate from the resumed step on follows the new curve)",
+    "num_train_epochs": "the run ends after the new number of epochs and the learning-rate schedule is recomputed for it",
+    "learning_rate": "the learning rate from the resumed step on follows the new peak",
+    "learning_rate_schedule": "the learning rate from the resumed step on follows the new schedule",
+    "warmup_ratio": "the learning-rate schedule is recomputed with the new warmup",
+    "batch_size": "the steps after the checkpoint see other batches than an uninterrupted run would",
+    "gradient_accumulation_steps": "the steps after the checkpoint see other batches than an uninterrupted run would",
+}
+
+
+def _show(v) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if v is None:
+        return "none"
+    return f"'{v}'" if isinstance(v, str) else str(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +462,8 @@ def _fsync_tree(path: str) -> None:
         _fsync_path(root)
 
 
-def write_manifest(path: str, step: int, world_size: int, skipped_nonfinite_steps: int = 0) -> None:
+def write_manifest(path: str, step: int, world_size: int, skipped_nonfinite_steps: int = 0,
+                   run: dict | None = None) -> None:
     files = {}
     for root, _dirs, names in os.walk(path):
         for n in names:
@@ -310,7 +472,7 @@ def write_manifest(path: str, step: int, world_size: int, skipped_nonfinite_step
             full = os.path.join(root, n)
             files[os.path.relpath(full, path)] = os.path.getsize(full)
     manifest = {"step": step, "world_size": world_size, "files": files,
-                "skipped_nonfinite_steps": skipped_nonfinite_steps,
+                "skipped_nonfinite_steps": skipped_nonfinite_steps, "run": run,
                 "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with open(os.path.join(path, MANIFEST_NAME), "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=1)
@@ -445,7 +607,7 @@ class AtomicCheckpointWriter:
         if main and failure is None:
             try:
                 write_manifest(self.staged, self.step, trainer.args.world_size,
-                               getattr(trainer, "skipped_steps", 0))
+                               getattr(trainer, "skipped_steps", 0), getattr(trainer, "run_record", None))
                 problems = checkpoint_problems(self.staged, need_optimizer=not trainer.args.save_only_model)
                 if problems:
                     raise CheckpointWriteError(f"checkpoint {self.name} was written incompletely: {'; '.join(problems[:3])}")

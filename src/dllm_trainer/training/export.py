@@ -59,14 +59,16 @@ def fuse_adaptor(base_model: str, adaptor_dir: str, out_dir: str, *, family_name
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    from .. import models  # noqa: F401  (registers LLaDA/Dream with the Auto classes)
     from ..families import get_family
-    from .loading import resize_embeddings
+    from .loading import quiet_load_report, resize_embeddings
 
     family = family or get_family(family_name)
     dtype = dtype or torch.float32
     try:
-        base = getattr(transformers, family.auto_class).from_pretrained(
-            base_model, dtype=dtype, trust_remote_code=trust_remote_code)
+        with quiet_load_report():  # a missing masked-LM head was reported when training started
+            base = getattr(transformers, family.auto_class).from_pretrained(
+                base_model, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot reload base model '{base_model}' to fuse the adaptor: {str(e).splitlines()[0]}") from None
     tokenizer = AutoTokenizer.from_pretrained(adaptor_dir if _has_tokenizer(adaptor_dir) else base_model)
@@ -76,7 +78,7 @@ def fuse_adaptor(base_model: str, adaptor_dir: str, out_dir: str, *, family_name
         base.config.mask_token_id = tokenizer.mask_token_id
     base_tied = _embeddings_tied(base)
     model = PeftModel.from_pretrained(base, adaptor_dir)
-    fused = model.merge_and_unload()
+    fused = model.merge_and_unload(progressbar=True)
     if base_tied:
         _retie_embeddings(fused)
     _untie_shared_parameters(fused)

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
-from .callbacks import EVENT_PREFIX, STOP_FILE, parse_event
+from .events import EVENT_PREFIX, STOP_FILE, CtrlCStops, describe_metrics, parse_event
 from ..config import TrainConfig
 from ..errors import ERROR_PREFIX, ConfigError, UserError
 
@@ -269,7 +269,9 @@ def worker_env(plan_env: dict[str, str | None], extra: dict[str, str] | None = N
         env["PYTHONPATH"] = os.pathsep.join([src, *parts])
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("TQDM_MININTERVAL", "5")  # progress bars refresh every 5 s in the log, not 10x a second
+    # progress bars: on a terminal they redraw in place (run_workers); in a log file each redraw is a
+    # line, so there they refresh every 5 s instead of 10 times a second
+    env.setdefault("TQDM_MININTERVAL", "0.5" if _isatty(sys.stdout) else "5")
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead rank aborts collectives instead of hanging
     for key, value in {**plan_env, **(extra or {})}.items():
         if value is None:
@@ -297,6 +299,7 @@ class LaunchResult:
     worker_deaths: list[str] = field(default_factory=list)  # torchrun's 'failed (exitcode: -N) local_rank: R' lines
     max_steps: int | None = None
     step: int = 0
+    ctrl_c: bool = False  # the stop was asked for with Ctrl-C
 
     @property
     def ok(self) -> bool:
@@ -364,6 +367,17 @@ def _die_with_parent() -> None:
         pass
 
 
+def _ignore_sigint() -> Callable[[], None]:
+    """Ignore Ctrl-C (while the workers are cleaned up); returns the function that restores it."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (ValueError, OSError):
+        return lambda: None
+    return lambda: signal.signal(signal.SIGINT, previous)
+
+
 def _append_debug(output_dir: str, line: str) -> None:
     try:
         with open(os.path.join(output_dir, "debug.log"), "a", encoding="utf-8") as fh:
@@ -372,28 +386,116 @@ def _append_debug(output_dir: str, line: str) -> None:
         pass
 
 
-def _pump(stream, name: str, q: "queue.Queue[tuple[str, str | None]]") -> None:
-    """Read raw chunks and split on \\n and \\r (progress bars), so lines arrive as soon as written."""
+_LINE_END = re.compile(r"\r\n|\n|\r")
+
+
+def _pump(stream, name: str, q: "queue.Queue[tuple[str, str | None, bool]]") -> None:
+    """Read raw chunks and split on \\n and \\r, so lines arrive as soon as written. The flag says
+    the piece is a progress-bar state that the next one redraws in place: text after a \\r (tqdm
+    writes "\\r" + bar), passed on as soon as it is read rather than when the next redraw ends it.
+    When a bar already passed on turns out final (a \\n follows), an empty line ends it."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     fd = stream.fileno()
     buf = ""
+    after_cr = False  # buf follows a \r: a bar being redrawn
+    shown = None  # the bar text already passed on before its end arrived
     try:
         while True:
             chunk = os.read(fd, 65536)
             if not chunk:
                 break
             buf += decoder.decode(chunk)
-            parts = re.split(r"\r\n|\n|\r", buf)
-            buf = parts.pop()
-            for part in parts:
-                q.put((name, part))
+            start = 0
+            for m in _LINE_END.finditer(buf):
+                if m.group() == "\r" and m.end() == len(buf):
+                    break  # a \r at the end of the chunk may be the first half of \r\n
+                piece, cr = buf[start:m.start()], m.group() == "\r"
+                if piece != shown or not after_cr:
+                    q.put((name, piece, cr))
+                elif not cr:  # the bar already shown is final: it keeps its line
+                    q.put((name, "", False))
+                after_cr, shown, start = cr, None, m.end()
+            buf = buf[start:]
+            if after_cr and buf and buf != shown:
+                q.put((name, buf, True))
+                shown = buf
         buf += decoder.decode(b"", final=True)
-        if buf:
-            q.put((name, buf))
+        for piece in _LINE_END.split(buf):
+            if piece and piece != shown:
+                q.put((name, piece, False))
     except OSError:
         pass
     finally:
-        q.put((name, None))
+        q.put((name, None, False))
+
+
+class _Console:
+    """Writes relayed lines; on a terminal, progress-bar redraws (pieces ended by \\r) stay on one
+    line that redraws in place, and the other lines are written above it. Elsewhere (a log file,
+    Transformer Lab's job log) every piece is a line of its own."""
+
+    def __init__(self, out: TextIO, err: TextIO):
+        self.streams = {"out": out, "err": err}
+        self.tty = {k: _isatty(s) for k, s in self.streams.items()}
+        self.bar: tuple[str, str] | None = None  # (stream, text) of the bar shown at the bottom
+
+    def write(self, name: str, text: str, redraw: bool = False) -> None:
+        stream = self.streams[name]
+        if not self.tty[name]:
+            print(text, file=stream, flush=True)
+            return
+        if redraw:
+            if self.bar and self.bar[0] != name:
+                self._clear()
+            stream.write("\r" + text + "\x1b[K")
+            stream.flush()
+            self.bar = (name, text)
+            return
+        bar = self.bar
+        if bar:
+            self._clear()
+        stream.write(text + "\n")
+        stream.flush()
+        if bar and not _same_bar(bar[1], text):  # a finished bar ends with \n: it replaces the redrawn one
+            self.streams[bar[0]].write(bar[1] + "\x1b[K")
+            self.streams[bar[0]].flush()
+            self.bar = bar
+
+    def clear(self) -> None:
+        self._clear()
+
+    def end_bar(self, name: str) -> None:
+        if self.bar and self.bar[0] == name:
+            self.streams[name].write("\n")
+            self.streams[name].flush()
+            self.bar = None
+
+    def _clear(self) -> None:
+        if self.bar:
+            s = self.streams[self.bar[0]]
+            s.write("\r\x1b[K")
+            s.flush()
+            self.bar = None
+
+    def close(self) -> None:
+        if self.bar:
+            s = self.streams[self.bar[0]]
+            s.write("\n")
+            s.flush()
+            self.bar = None
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _same_bar(bar: str, line: str) -> bool:
+    """The final state of a bar (ended by \\n) has the same description before its percentage."""
+    head = lambda t: t.split("%", 1)[0].rstrip("0123456789 .")  # noqa: E731
+    return "%" in bar and "%" in line and head(bar) == head(line)
 
 
 class _ProcessTree:
@@ -478,20 +580,6 @@ class _ProcessTree:
             pass
 
 
-def _format_metrics(ev: dict, max_steps: int | None) -> str:
-    step = ev.get("step")
-    keys = [k for k in ev if k not in ("event", "step")]
-    shown = []
-    for k in keys:
-        v = ev[k]
-        if isinstance(v, float):
-            shown.append(f"{k}={v:.4g}")
-        elif v is not None:
-            shown.append(f"{k}={v}")
-    of = f"/{max_steps}" if max_steps else ""
-    return f"[dllm] step {step}{of}: " + " ".join(shown)
-
-
 def run_workers(
     plan: LaunchPlan,
     *,
@@ -511,8 +599,10 @@ def run_workers(
     """Run the launch command to completion, streaming its output; see the module docstring.
 
     A stop request (should_stop() turning true) writes <output_dir>/STOP: the workers save a
-    checkpoint and exit on their own; after stop_grace seconds they are terminated. Ctrl-C / SIGTERM
-    (KeyboardInterrupt) terminates every worker at once and returns with interrupted=True.
+    checkpoint and exit on their own; after stop_grace seconds they are terminated. The first
+    Ctrl-C is a stop request too (ctrl_c=True; before the first training step there is nothing to
+    save, so it stops at once); a second Ctrl-C, or SIGTERM (KeyboardInterrupt), terminates every
+    worker at once and returns with interrupted=True.
     """
     out = out or sys.stdout
     err = err or sys.stderr
@@ -539,7 +629,8 @@ def run_workers(
         raise WorkerFailed(f"cannot start the training workers ({plan.argv[0]}): {e.strerror or e}") from None
 
     tree = _ProcessTree(proc)
-    q: queue.Queue[tuple[str, str | None]] = queue.Queue()
+    console = _Console(out, err)
+    q: queue.Queue[tuple[str, str | None, bool]] = queue.Queue()
     readers = [
         threading.Thread(target=_pump, args=(proc.stdout, "out", q), daemon=True),
         threading.Thread(target=_pump, args=(proc.stderr, "err", q), daemon=True),
@@ -552,6 +643,8 @@ def run_workers(
     exited_at: float | None = None
     diverting = False
     warned: set[str] = set()
+    restore_sigint = lambda: None  # noqa: E731
+    ctrl_c = CtrlCStops(lambda: None)  # the loop reads ctrl_c.pressed (no I/O in a signal handler)
 
     def safe(fn, *args, default=None):
         """Reporting callbacks must never end a training run (a KeyboardInterrupt still does)."""
@@ -563,10 +656,13 @@ def run_workers(
             name = getattr(fn, "__name__", "callback")
             if name not in warned:
                 warned.add(name)
-                print(f"[dllm] warning: {name} failed ({type(e).__name__}: {e}); training continues", file=err, flush=True)
+                console.write("err", f"[dllm] warning: {name} failed ({type(e).__name__}: {e}); training continues")
             return default
 
-    def handle(name: str, line: str) -> None:
+    def say(text: str, stream: str = "out") -> None:
+        console.write(stream, text)
+
+    def handle(name: str, line: str, redraw: bool = False) -> None:
         nonlocal diverting
         idx = line.find(EVENT_PREFIX)
         ev = parse_event(line[idx:]) if idx >= 0 else None
@@ -580,21 +676,22 @@ def run_workers(
                 return
             if kind == "train_begin":
                 res.max_steps = ev.get("max_steps") or res.max_steps
-                print(f"[dllm] training started: {res.max_steps} optimizer steps", file=out, flush=True)
+                say(f"[dllm] training started: {res.max_steps} optimizer steps")
                 if res.max_steps:
                     safe(on_progress, 0, int(res.max_steps))
                 return
             if kind == "metrics":
                 metrics = {k: v for k, v in ev.items() if k != "event"}
                 res.last_metrics.update(metrics)
-                print(_format_metrics(ev, res.max_steps), file=out, flush=True)
+                shown = {k: v for k, v in metrics.items() if k != "step"}
+                say(describe_metrics(shown, ev.get("step"), res.max_steps))
                 safe(on_metrics, metrics)
                 return
             if kind == "checkpoint":
                 path = ev.get("path")
                 if path:
                     res.checkpoints.append(path)
-                    print(f"[dllm] checkpoint saved: {path}", file=out, flush=True)
+                    say(f"[dllm] checkpoint saved: {path}")
                     safe(on_checkpoint, path, int(ev.get("step") or 0))
                 return
             if kind == "result":
@@ -609,8 +706,13 @@ def run_workers(
                 res.error_lines.append(msg)
             return
         if not _ANSI_RE.sub("", line).strip():
-            return  # what is left of a progress-bar redraw
-        tail.append(line)
+            if redraw:
+                console.clear()  # a bar that erased itself (leave=False)
+            elif line == "":
+                console.end_bar(name)  # the bar on screen is final: it keeps its line
+            return
+        if not redraw:
+            tail.append(line)
         if _TORCHRUN_FAILED.search(line):
             res.worker_deaths.append(line)  # kept whatever the tail's length
         if name == "err" and res.error_lines and stripped.startswith("Traceback (most recent call last)"):
@@ -620,56 +722,72 @@ def run_workers(
         if diverting and name == "err":
             _append_debug(output_dir, line)
             return
-        print(line, file=out if name == "out" else err, flush=True)
+        console.write(name, line, redraw)
+
+    def request_stop(message: str) -> None:
+        nonlocal stop_at
+        if stop_at is None:
+            stop_at = time.monotonic()
+            res.stop_requested = True
+            with open(stop_path, "w") as fh:  # first the file, then the message
+                fh.write("stop requested\n")
+            say(message)
 
     try:
-        while True:
-            try:
-                name, line = q.get(timeout=0.2)
-                if line is None:
-                    open_streams -= 1
-                else:
-                    handle(name, line)
-            except queue.Empty:
-                pass
-            now = time.monotonic()
-            if now >= next_poll:
-                next_poll = now + poll_interval
-                tree.refresh()
-                if stop_at is None and safe(should_stop, default=False):
-                    stop_at = now
-                    res.stop_requested = True
-                    print("[dllm] stop requested: the workers save a checkpoint and stop after the current step",
-                          file=out, flush=True)
-                if stop_at is not None and proc.poll() is None and not os.path.exists(stop_path):
-                    # (re)written while the workers run: a worker that starts late deletes a stale STOP
-                    with open(stop_path, "w") as fh:
-                        fh.write("stop requested\n")
-            if stop_at is not None and now - stop_at > stop_grace and proc.poll() is None:
-                print(f"[dllm] the workers did not stop within {stop_grace:.0f} s of the stop request; terminating them",
-                      file=err, flush=True)
-                tree.terminate()
-            if proc.poll() is not None:
-                if exited_at is None:
-                    exited_at = now
-                    if proc.returncode != 0 and stop_at is None and safe(should_stop, default=False):
-                        # the host signalled every process to stop (launcher included): the workers
-                        # are saving their checkpoint; they get exit_grace to finish
-                        stop_at = now
-                        res.stop_requested = True
-                        print("[dllm] stop requested: the workers save a checkpoint and stop", file=out, flush=True)
-                    if proc.returncode != 0 and stop_at is None:
-                        # A failed launcher must not leave workers behind (they may hold the pipes open).
-                        tree.terminate(grace=5.0)
-                if open_streams <= 0:
-                    break
-                if now - exited_at > exit_grace:
-                    tree.terminate(grace=2.0)  # something still holds our pipes: a stray descendant
-                    if now - exited_at > exit_grace + 5:
+        with ctrl_c:
+            while True:
+                try:
+                    name, line, redraw = q.get(timeout=0.2)
+                    if line is None:
+                        open_streams -= 1
+                    else:
+                        handle(name, line, redraw)
+                except queue.Empty:
+                    pass
+                if ctrl_c.pressed and not res.ctrl_c and proc.poll() is None:
+                    res.ctrl_c = True
+                    if res.max_steps is None:  # no training step yet: nothing to save
+                        say("[dllm] Ctrl-C before the first training step: stopping the workers (nothing to save yet)",
+                            "err")
+                        raise KeyboardInterrupt
+                    request_stop("[dllm] Ctrl-C: the workers stop after the step in progress and save a checkpoint "
+                                 "(Ctrl-C again to stop at once, without one)")
+                now = time.monotonic()
+                if now >= next_poll:
+                    next_poll = now + poll_interval
+                    tree.refresh()
+                    if stop_at is None and safe(should_stop, default=False):
+                        request_stop("[dllm] stop requested: the workers save a checkpoint and stop after the current step")
+                    if stop_at is not None and proc.poll() is None and not os.path.exists(stop_path):
+                        # (re)written while the workers run: a worker that starts late deletes a stale STOP
+                        with open(stop_path, "w") as fh:
+                            fh.write("stop requested\n")
+                if stop_at is not None and now - stop_at > stop_grace and proc.poll() is None:
+                    say(f"[dllm] the workers did not stop within {stop_grace:.0f} s of the stop request; terminating them",
+                        "err")
+                    tree.terminate()
+                if proc.poll() is not None:
+                    if exited_at is None:
+                        exited_at = now
+                        if proc.returncode != 0 and stop_at is None and safe(should_stop, default=False):
+                            # the host signalled every process to stop (launcher included): the workers
+                            # are saving their checkpoint; they get exit_grace to finish
+                            stop_at = now
+                            res.stop_requested = True
+                            say("[dllm] stop requested: the workers save a checkpoint and stop")
+                        if proc.returncode != 0 and stop_at is None:
+                            # A failed launcher must not leave workers behind (they may hold the pipes open).
+                            tree.terminate(grace=5.0)
+                    if open_streams <= 0:
                         break
+                    if now - exited_at > exit_grace:
+                        tree.terminate(grace=2.0)  # something still holds our pipes: a stray descendant
+                        if now - exited_at > exit_grace + 5:
+                            break
     except KeyboardInterrupt:
         res.interrupted = True
-        print("[dllm] interrupted: terminating the training workers", file=err, flush=True)
+        restore_sigint = _ignore_sigint()  # the clean-up below must finish even if Ctrl-C is pressed again
+        console.write("err", "[dllm] interrupted: terminating the training workers")
         tree.terminate(grace=10.0)
     finally:
         if proc.poll() is None:
@@ -681,11 +799,12 @@ def run_workers(
         # drain what is left in the queue (non-blocking)
         while True:
             try:
-                name, line = q.get_nowait()
+                name, line, redraw = q.get_nowait()
             except queue.Empty:
                 break
             if line is not None:
-                handle(name, line)
+                handle(name, line, redraw)
+        console.close()
         for stream in (proc.stdout, proc.stderr):
             try:
                 stream.close()
@@ -696,6 +815,7 @@ def run_workers(
                 os.remove(stop_path)
             except OSError:
                 pass
+        restore_sigint()
     res.returncode = proc.returncode if proc.returncode is not None else -9
     res.tail = list(tail)
     return res

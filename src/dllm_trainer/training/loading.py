@@ -5,6 +5,7 @@ The family's Auto class loads the checkpoint (masked LMs, our LLaDA/Dream, causa
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,22 @@ def resolve_dtype(cfg: TrainConfig) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
 
 
+@contextmanager
+def quiet_load_report():
+    """Loading a checkpoint that lacks some weights makes transformers print a load-report table
+    and, for a BERT without its masked-LM head (e.g. a sentence-embedding model, to which we add
+    the head), "This checkpoint seem corrupted ... tie cls.predictions.bias". The caller says what
+    matters once, in its own words (load_for_training: the new head; other missing weights)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def max_positions(config) -> int | None:
     for key in ("max_position_embeddings", "max_sequence_length"):
         v = getattr(config, key, None)
@@ -45,6 +62,8 @@ def max_positions(config) -> int | None:
 
 def load_model_config(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoConfig
+
+    from .. import models  # noqa: F401  (registers LLaDA/Dream with the Auto classes)
 
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelError(f"model folder '{path}' has no config.json (is it empty or not a Hugging Face model?)")
@@ -147,18 +166,24 @@ def load_for_training(cfg: TrainConfig, *, log=print, device_map=None) -> Loaded
         kwargs["device_map"] = device_map
     auto_cls = getattr(transformers, family.auto_class)
     try:
-        model, info = auto_cls.from_pretrained(cfg.model_name, output_loading_info=True, **kwargs)
+        with quiet_load_report():
+            model, info = auto_cls.from_pretrained(cfg.model_name, output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load the weights of model '{cfg.model_name}': {msg}") from None
 
     new_head = False
     head_names = head_modules(model)
-    missing = [k for k in info.get("missing_keys", []) if any(k.startswith(h + ".") for h in head_names)]
+    all_missing = list(info.get("missing_keys", []) or [])
+    missing = [k for k in all_missing if any(k.startswith(h + ".") for h in head_names)]
     if missing:
         new_head = True
         log(f"[dllm] model '{cfg.model_name}' has no masked-LM head in its checkpoint: initialised it fresh "
             f"({len(missing)} tensors: {', '.join(sorted(missing)[:4])}{', ...' if len(missing) > 4 else ''}); it is trained in full")
+    other = sorted(set(all_missing) - set(missing))
+    if other:
+        log(f"[dllm] warning: {len(other)} weights of model '{cfg.model_name}' are not in its checkpoint and start "
+            f"random (e.g. {', '.join(other[:3])}); check that the checkpoint is complete")
 
     mask_id = resolve_mask_token(model, tokenizer, log=log)
     family.adapt(model, mask_id, log=log)

@@ -130,7 +130,7 @@ def build_training_args(cfg: TrainConfig, dtype, *, has_eval: bool):
         fp16=dtype == torch.float16,
         # Packed batches mix lengths on purpose; bert cannot pack (packing_active) and groups instead.
         train_sampling_strategy="group_by_length" if cfg.group_by_length and not packing_active(cfg) else "random",
-        gradient_checkpointing=False,  # enabled on the model in loading.py (non-reentrant)
+        activation_checkpointing=False,  # enabled on the model in loading.py (non-reentrant)
         torch_compile=cfg.torch_compile,
         disable_tqdm=False,
         ddp_timeout=600,
@@ -173,17 +173,27 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
     from .packing import packing_active, packing_note
     from .trainer import DiffusionSettings, MDLMTrainer
 
+    from .checkpoints import check_checkpoint_fits, refuse_fresh_run_over, run_record
+    from .events import STOP_FILE, events_enabled
+
+    main_worker = _is_main_worker()
+    quiet = lambda *_: None  # noqa: E731 - the other ranks say nothing the main one says
     os.makedirs(cfg.output_dir, exist_ok=True)
-    stop_file = os.path.join(cfg.output_dir, "STOP")
+    stop_file = os.path.join(cfg.output_dir, STOP_FILE)
     if os.path.exists(stop_file):
         os.remove(stop_file)  # a stale request from an earlier run must not stop this one
-    if _is_main_worker():  # a run killed while saving leaves a .tmp-checkpoint-N folder (checkpoints.py)
+    if main_worker:  # a run killed while saving leaves a .tmp-checkpoint-N folder (checkpoints.py)
         from .checkpoints import remove_stale_staging
 
         remove_stale_staging(cfg.output_dir, log=log)
-    resume = find_resume_checkpoint(cfg, log=log if _is_main_worker() else (lambda *_: None))
-    if resume and _is_main_worker():
-        log(f"[dllm] resuming from {resume}")
+    resume = find_resume_checkpoint(cfg, log=log if main_worker else quiet)
+    if resume:
+        # launched by the app, it already printed the notes (preflight); the errors are checked again
+        check_checkpoint_fits(resume, cfg, log=log if main_worker and not events_enabled() else None)
+        if main_worker:
+            log(f"[dllm] resuming from {resume}")
+    else:
+        refuse_fresh_run_over(cfg.output_dir)
 
     from transformers import set_seed
 
@@ -213,6 +223,9 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
         start_process_group(cfg)
     loaded = load_for_training(cfg, log=log)
     family, tokenizer = loaded.family, loaded.tokenizer
+    trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
+    if resume:
+        check_checkpoint_fits(resume, cfg, trainable_parameters=trainable)
     max_length = resolve_max_length(cfg, loaded.model.config)
     note = max_length_note(cfg, max_length, loaded.model.config)
     if note and _is_main_worker():
@@ -266,7 +279,8 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
     prompts = [p.strip() for p in cfg.sample_prompts.splitlines() if p.strip()]
     if prompts:
         sampler_cb = SampleCallback(prompts, tokenizer, every=cfg.sample_every_steps, gen_length=cfg.sample_gen_length,
-                                    steps=cfg.sample_steps, log_dir=os.path.join(cfg.output_dir, "samples"))
+                                    steps=cfg.sample_steps, log_dir=os.path.join(cfg.output_dir, "samples"),
+                                    stopper=stopper)
         callbacks.append(sampler_cb)
     trainer = MDLMTrainer(
         model=loaded.model,
@@ -279,6 +293,14 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
         diffusion=settings,
     )
     trainer.export_base, trainer.export_trust_remote_code = cfg.model_name, cfg.trust_remote_code
+    # HF's bars stay; HF's printed log dicts go (EventCallback writes one line per logging step)
+    from transformers.trainer_callback import ProgressCallback
+
+    from .callbacks import ConsoleProgressCallback
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ConsoleProgressCallback())
+    trainer.run_record = run_record(cfg, trainable_parameters=trainable)  # kept in every checkpoint's manifest
     log(f"[dllm] training {cfg.training_method} on {len(prepared.train)} rows"
         f"{f' (eval {len(prepared.eval)})' if prepared.eval is not None else ''}; output in {cfg.output_dir}")
     if resume:
@@ -286,13 +308,25 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
 
         trainer.skipped_steps = skipped_steps_in(resume)
     start_step = _checkpoint_step(resume) if resume else 0
-    train_out = trainer.train(resume_from_checkpoint=resume)
+    from .events import CtrlCStops
+
+    def ctrl_c() -> None:  # the first Ctrl-C: like the STOP file (a second one stops at once)
+        with open(stop_file, "w") as fh:
+            fh.write("Ctrl-C\n")
+        if main_worker:
+            print("[dllm] Ctrl-C: stopping after the step in progress and saving a checkpoint "
+                  "(Ctrl-C again to stop at once, without one)", file=sys.stderr, flush=True)
+
+    with CtrlCStops(ctrl_c) as interrupt:
+        train_out = trainer.train(resume_from_checkpoint=resume)
+    if interrupt.pressed and os.path.exists(stop_file):
+        os.remove(stop_file)  # ours, not a request for the next run
     metrics = {k: v for k, v in train_out.metrics.items() if isinstance(v, (int, float))}
     if trainer.state.global_step <= start_step:
         # Resumed at the last step: no step ran, and HF's train_loss (0 / 0 steps) would read 0.
         metrics.pop("train_loss", None)
     if prepared.eval is not None and not stopper.stopped:
-        metrics.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
+        metrics.update(_final_eval(trainer, cfg))
     for entry in reversed(trainer.state.log_history):  # the last logged training metrics
         if "loss" in entry:
             metrics.setdefault("loss", entry["loss"])
@@ -328,11 +362,29 @@ def run_training(cfg: TrainConfig, *, log=print, extra_callbacks=()) -> TrainRes
     if trainer.is_world_process_zero():
         with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as fh:
             json.dump(metrics, fh, indent=2)
-        from .callbacks import emit_event
+        from .events import emit_event
 
-        emit_event("result", stopped=result.stopped, adaptor_dir=result.adaptor_dir,
-                   final_model_dir=result.final_model_dir, metrics=metrics)
+        if events_enabled():
+            emit_event("result", stopped=result.stopped, adaptor_dir=result.adaptor_dir,
+                       final_model_dir=result.final_model_dir, metrics=metrics)
     return result
+
+
+def _final_eval(trainer, cfg: TrainConfig) -> dict:
+    """The eval metrics of the last step: HF's Trainer already evaluates at the last step (steps
+    and epoch strategies), so that evaluation is reused instead of run a second time; only a run
+    that did not evaluate there (e.g. a resume of a finished run) evaluates now."""
+    if cfg.eval_strategy == "no":
+        return {}
+    step = trainer.state.global_step
+    found: dict = {}
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") != step:
+            break
+        found.update({k: v for k, v in entry.items() if k.startswith("eval_") and isinstance(v, (int, float))})
+    if "eval_loss" in found:
+        return found
+    return {k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
 
 
 def worker_main(argv: list[str] | None = None) -> int:
@@ -345,6 +397,9 @@ def worker_main(argv: list[str] | None = None) -> int:
 
     if os.environ.get(STOP_ON_SIGTERM_ENV) == "1":
         stop_on_sigterm()
+    from .events import enable_events
+
+    enable_events()  # this process is a launched worker: the launcher reads its events
 
     cfg = None
     try:
