@@ -128,3 +128,54 @@ def test_trainable_parameters_must_match(tmp_path):
     (old / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 64, "base_model_name_or_path": "m"}))
     with pytest.raises(ConfigError, match="LoRA rank: checkpoint 16, this run 8"):
         ck.check_checkpoint_fits(str(old), cfg)
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_the_terminal_stops_with_a_checkpoint_and_resume_latest_continues(tmp_path, minilm):
+    """`python main.py --config job.json` as a person runs it; Ctrl-C (SIGINT to the app process,
+    what the terminal sends) during training: the workers finish the step in progress, save a
+    checkpoint and exit; no traceback, no process left, exit code 130; the run then continues."""
+    import subprocess
+    import sys
+    import time
+
+    from dllm_trainer.training.checkpoints import checkpoint_problems
+    from rel_helpers import CHAT, REPO, subprocess_env
+
+    out = tmp_path / "out"
+    cfg = dict(model_name=str(minilm), dataset_name=str(CHAT), output_dir=str(out), training_method="bert",
+               train_device="cpu", lora=True, lora_r=8, lora_alpha=16, max_length=64, batch_size=8,
+               num_train_epochs=0, train_steps=400, logging_steps=1, eval_strategy="no", save_steps=1000,
+               adaptor_name="ctrl-c")
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(cfg))
+    proc = subprocess.Popen([sys.executable, str(REPO / "main.py"), "--config", str(job)], cwd=tmp_path,
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # the test's own process must not get the SIGINT
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if line.startswith("[dllm] step 2/400"):
+            os.kill(proc.pid, signal.SIGINT)
+            break
+    lines += proc.stdout.read().splitlines()
+    assert proc.wait(timeout=120) == 130, "\n".join(lines[-40:])
+    text = "\n".join(lines)
+    assert "Traceback" not in text and "[dllm-event]" not in text
+    said = next(i for i, ln in enumerate(lines) if ln.startswith("[dllm] Ctrl-C: the workers stop after the step in progress"))
+    steps_after = [ln for ln in lines[said:] if ln.startswith("[dllm] step ")]
+    assert len(steps_after) <= 1, lines[said:]  # at most the step in progress
+    ckpts = sorted(out.glob("checkpoint-*"))
+    assert len(ckpts) == 1 and checkpoint_problems(str(ckpts[0])) == []
+    step = int(ckpts[0].name.split("-")[1])
+    assert f"[dllm] stopped: stopped (Ctrl-C) at step {step}; checkpoint {ckpts[0]}" in text
+    assert not (out / "models").exists() and not (out / "STOP").exists()
+
+    # 'latest' continues from the checkpoint (a fresh start there is refused: test_bad_inputs)
+    t0 = time.monotonic()
+    resumed = subprocess.run([sys.executable, str(REPO / "main.py"), "--config", str(job), "--set",
+                              "resume_from_checkpoint=latest", "--set", f"train_steps={step + 1}"],
+                             cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming with train_steps {step + 1} (the checkpoint's run had 400)" in resumed.stdout
+    assert f"[dllm] step {step + 1}/{step + 1}: loss " in resumed.stdout and time.monotonic() - t0 < 300

@@ -338,6 +338,30 @@ def test_taken_model_or_adaptor_name_gets_the_next_free_name(tmp_path):
     assert (tmp_path / "out" / "adaptors" / "mine-2" / "adapter_config.json").read_text() == "{}"
 
 
+def test_a_new_run_of_a_template_writes_beside_the_earlier_runs_checkpoints(tmp_path):
+    """Transformer Lab gives every run of a template the same output_dir; queuing the template again
+    is normal: the new run gets a folder of its own and the earlier checkpoints stay untouched."""
+    from types import SimpleNamespace
+
+    from dllm_trainer.hosts.tlab_plugin import TransformerLabReporter
+
+    class QueuedAgain(FakeReporter):
+        output_dir_for_new_run = TransformerLabReporter.output_dir_for_new_run
+        job_id = "12"
+
+    out = tmp_path / "out"
+    (out / "checkpoint-6").mkdir(parents=True)
+    (out / "checkpoint-6" / "trainer_state.json").write_text("{}")
+    logged = []
+    cfg = app._never_over_another_run(job_cfg(tmp_path), QueuedAgain(), logged.append)
+    assert cfg.output_dir == str(out / "job_12") and "holds an earlier run's checkpoints (kept)" in logged[0]
+    (out / "job_12" / "x").mkdir(parents=True)  # that folder is taken too: the next free one
+    assert TransformerLabReporter.output_dir_for_new_run(SimpleNamespace(job_id="12"), job_cfg(tmp_path)) == str(out / "job_12_2")
+    # a resume stays where its checkpoints are
+    resumed = job_cfg(tmp_path, resume_from_checkpoint=str(out / "checkpoint-6"))
+    assert app._never_over_another_run(resumed, QueuedAgain(), logged.append).output_dir == str(out)
+
+
 def test_cuda_without_gpu_fails_before_any_worker(tmp_path, capsys):
     rep = FakeReporter()
     assert app.run_job(job_cfg(tmp_path, train_device="cuda"), rep, gpu_count=0) == 2

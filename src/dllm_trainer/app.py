@@ -440,10 +440,6 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{ERROR_PREFIX}{message} (see {self.prog} --help)\n")
 
 
-# Arguments Transformer Lab's plugin harness (v0.30.x) leaves in sys.argv for the plugin.
-HARNESS_ARGS = ("--input_file", "--experiment_name", "--job_id", "--plugin_dir", "--workspace_dir")
-
-
 def _parser(prog: str = "main.py") -> argparse.ArgumentParser:
     ap = _OneLineParser(
         prog=prog,
@@ -516,6 +512,8 @@ def main(argv: list[str] | None = None, prog: str = "main.py") -> int:
         return report_user_error(_unknown_arguments(unknown))
     if unknown:  # the app's harness may pass arguments of its own; they are not ours to judge
         print(f"[dllm] note: ignoring arguments this trainer does not use: {' '.join(unknown)}", flush=True)
+    if not _isatty(sys.stderr):  # a log file (Transformer Lab's job log): a bar redraw is a line, so few of them
+        os.environ.setdefault("TQDM_MININTERVAL", "5")
     restore = _install_sigterm()
     try:
         if args.input_file:
@@ -532,6 +530,13 @@ def main(argv: list[str] | None = None, prog: str = "main.py") -> int:
         return 130
     finally:
         restore()
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _main_standalone(args) -> int:
