@@ -7,6 +7,11 @@ import torch
 
 import pytest
 
+# Every test may load a LLaDA/Dream checkpoint with transformers' Auto classes, whatever ran
+# before it in this process (the automatic registration on first use is tested in fresh
+# processes: test_package_import.py).
+import dllm_trainer.models  # noqa: E402,F401
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("DLLM_FIXTURES", REPO / "tests" / "fixtures"))
 

@@ -49,3 +49,24 @@ def test_bitsandbytes_cpu_kernel_warning_is_silenced():
     proc = run_python("import dllm_trainer, peft, bitsandbytes.backends.cpu.ops")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "gemm_4bit_forward" not in proc.stderr + proc.stdout
+
+
+def test_checking_a_bert_job_does_not_import_model_code(tmp_path, minilm):
+    """The launching process checks a local BERT model's config and tokenizer and the dataset
+    (preflight) without transformers' model code or ours (the job then stops at the hardware check)."""
+    import json
+
+    from rel_helpers import CHAT
+
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"model_name": str(minilm), "dataset_name": str(CHAT), "output_dir": str(tmp_path / "o"),
+                               "training_method": "bert", "max_length": 64, "train_device": "cuda", "gpu_ids": "63"}))
+    proc = run_python(
+        "import sys\n"
+        "import dllm_trainer.cli\n"
+        f"assert dllm_trainer.cli.main(['train', '--config', {str(job)!r}]) == 2\n"
+        "print(sorted(m for m in ('transformers.modeling_utils', 'dllm_trainer.models', 'peft') if m in sys.modules))"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "gpu_ids" in proc.stderr or "no CUDA GPU is visible" in proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

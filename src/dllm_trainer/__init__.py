@@ -12,6 +12,10 @@ Our LLaDA and Dream implementations are registered with transformers' Auto class
   (the import of ``transformers.models.auto.modeling_auto``), so
   ``import dllm_trainer; AutoModel.from_pretrained("GSAI-ML/LLaDA-8B-Instruct")`` works.
   ``AutoConfig`` alone, without an Auto model class, needs ``import dllm_trainer.models`` first.
+
+Our own command-line entry points (``dllm-trainer``, ``main.py``) switch the second way off: they
+register where they load a LLaDA/Dream model, so checking a BERT job's config and tokenizer in the
+launching process does not import transformers' model code.
 """
 
 __version__ = "0.1.0"
@@ -64,7 +68,20 @@ def _register_with_transformers_auto_models() -> None:
                 spec.loader = _AfterImport(spec.loader)
             return spec
 
-    sys.meta_path.insert(0, _Finder())
+    global _finder
+    _finder = _Finder()
+    sys.meta_path.insert(0, _finder)
+
+
+_finder = None
+
+
+def _stop_auto_registration() -> None:
+    """For our own entry points (see the module docstring): they register explicitly."""
+    import sys
+
+    if _finder in sys.meta_path:
+        sys.meta_path.remove(_finder)
 
 
 _register_with_transformers_auto_models()

@@ -504,6 +504,9 @@ def _install_sigterm() -> Callable[[], None]:
 
 
 def main(argv: list[str] | None = None, prog: str = "main.py") -> int:
+    from . import _stop_auto_registration
+
+    _stop_auto_registration()  # this process registers LLaDA/Dream where it loads one (training/loading.py)
     args, unknown = _parser(prog).parse_known_args(argv)
     from .hosts.tlab_task import launched_as_task
 

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     # This module and the ones it imports before a command runs import neither torch nor transformers.
+    from . import _stop_auto_registration
+
+    _stop_auto_registration()  # every command registers LLaDA/Dream where it loads one
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2

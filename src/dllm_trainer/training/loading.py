@@ -4,6 +4,7 @@ The family's Auto class loads the checkpoint (masked LMs, our LLaDA/Dream, causa
 ``family.adapt`` then makes it the family's diffusion LM (a2d: bidirectional attention)."""
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,10 +61,22 @@ def max_positions(config) -> int | None:
     return None
 
 
+def _stored_model_type(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+            mt = json.load(fh).get("model_type")
+        return mt.lower() if isinstance(mt, str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_model_config(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
-    from .. import models  # noqa: F401  (registers LLaDA/Dream with the Auto classes)
+    if _stored_model_type(path) not in FAMILIES["bert"].model_types:
+        # LLaDA/Dream (or a Hub id): register ours with the Auto classes. A BERT-family config does
+        # not need it, and the launching process's preflight then skips importing transformers' model code.
+        from .. import models  # noqa: F401
 
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelError(f"model folder '{path}' has no config.json (is it empty or not a Hugging Face model?)")
