@@ -94,9 +94,12 @@ def run_demo(output_dir: str, *, train_steps: int = 200, batch_size: int = 32, l
             fh.write(json.dumps(r) + "\n")
     base = minilm_path()
 
+    from .training.loading import quiet_load_report
+
     tok = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(seed)  # the untrained model's fresh MLM head
-    before_model = AutoModelForMaskedLM.from_pretrained(base)
+    with quiet_load_report():  # MiniLM has no MLM head: training says so once, in its own words
+        before_model = AutoModelForMaskedLM.from_pretrained(base)
     before = exact_match(before_model, tok, test_rows)
     del before_model
     print(f"[demo] held-out exact match BEFORE training: {before:.0%} ({len(test_rows)} prompts)", flush=True)
