@@ -210,6 +210,7 @@ time.sleep(0.3)
 sys.stderr.write("\\r100%|##########| 2/2"); sys.stderr.flush()
 time.sleep(0.3)
 sys.stderr.write("\\n"); sys.stderr.flush()  # tqdm's close: the bar already on screen is final
+time.sleep(0.3)  # two pipes: their order is only kept for writes apart in time
 print("after the bar", flush=True)
 """)
     term = FakeTerminal()

@@ -195,7 +195,12 @@ def load_session(path: str, device: str = "auto", dtype: str = "auto") -> Sessio
             f"model '{path}' (model_type '{getattr(config, 'model_type', None)}') is not a supported "
             f"diffusion LM (LLaDA, Dream, a BERT-family masked LM or a causal LM converted by a2d)"
         )
-    family = family.for_config(config)  # a2d: the logits shift from the config marker (none: not converted)
+    try:
+        family = family.for_config(config)  # a2d: the logits shift from the config marker (none: not converted)
+    except ModelError as e:
+        if adaptor:  # an a2d run's adaptor: its base is the plain causal LM; the fused model is converted
+            raise ModelError(_adaptor_help(path, adaptor, "the base alone is not a diffusion LM")) from None
+        raise
     tok_path = path if (not adaptor or _has_tokenizer(path)) else adaptor  # training saves it beside the adaptor
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_path)
@@ -286,8 +291,10 @@ def _apply_adaptor(model, tokenizer, path: str, base: str):
     """Base + adaptor, merged in memory (as the fused model is made: training/export.py)."""
     from peft import PeftModel
 
+    from ..training.loading import resize_embeddings
+
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))  # training added a mask token
+        resize_embeddings(model, len(tokenizer))  # training added a mask token: the rows training had
     if getattr(tokenizer, "mask_token_id", None) is not None and getattr(model.config, "mask_token_id", None) is None:
         model.config.mask_token_id = tokenizer.mask_token_id
     try:
