@@ -78,3 +78,17 @@ def test_train_bench_reports_ratios(tmp_path):
     assert float(m.group(2)) == pytest.approx(report["memory_ratio"], abs=5e-3)
     # both variants trained on the same rows: the same count of trainable tokens
     assert report["runs"]["baseline"][0]["trainable_tokens"] == report["runs"]["packed"][0]["trainable_tokens"]
+
+
+def test_startup_bench_reports_the_three_figures(tmp_path):
+    out = tmp_path / "startup.json"
+    proc = run_bench("bench_startup.py", "--repeats", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"help_s=(\d+\.\d\d) bad_config_s=(\d+\.\d\d) first_step_s=(\d+\.\d\d) import_torch_s=(\d+\.\d\d)", last)
+    assert m, last
+    report = json.loads(out.read_text())
+    med = report["median_s"]
+    assert set(med) == {"import_torch", "this:help", "this:bad_config", "this:first_step"}
+    assert float(m.group(3)) == pytest.approx(med["this:first_step"], abs=5e-3)
+    assert report["ratio_to_import_torch"]["this:help"] == pytest.approx(med["this:help"] / med["import_torch"])
