@@ -73,3 +73,14 @@ def test_ctrl_c_at_any_moment_prints_no_traceback(monkeypatch, capsys):
     monkeypatch.setattr(dllm_trainer.app, "main", interrupted)
     assert cli.main(["train", "--config", "x.json"]) == 130
     assert capsys.readouterr().err == "[dllm] interrupted\n"
+
+
+def test_ctrl_c_in_the_plugin_entry_prints_no_traceback(monkeypatch, capfd):
+    import dllm_trainer.app
+
+    def interrupted(argv, prog="main.py"):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dllm_trainer.app, "main", interrupted)
+    code, console = run_main_in_process(["--config", "x.json"], capfd)
+    assert code == 130 and console == "[dllm] interrupted\n"
