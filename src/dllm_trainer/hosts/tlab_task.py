@@ -250,6 +250,10 @@ class TaskReporter(WorkspaceHost):
         self._warned: set[str] = set()
         self._checkpoints: list[str] = []  # as recorded in the job
         self._stopping = False
+        # lab.init() sets the status RUNNING, also over a STOPPING the app set before we started
+        # (Stop pressed while Python was starting): read the stop flag now, so the job says STOPPED
+        # before the app's SIGKILL can end this process with the status still RUNNING.
+        self.should_stop()
 
     # ---- job state ---------------------------------------------------------------------------
     @property
