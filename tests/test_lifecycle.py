@@ -338,30 +338,6 @@ def test_taken_model_or_adaptor_name_gets_the_next_free_name(tmp_path):
     assert (tmp_path / "out" / "adaptors" / "mine-2" / "adapter_config.json").read_text() == "{}"
 
 
-def test_a_new_run_of_a_template_writes_beside_the_earlier_runs_checkpoints(tmp_path):
-    """Transformer Lab gives every run of a template the same output_dir; queuing the template again
-    is normal: the new run gets a folder of its own and the earlier checkpoints stay untouched."""
-    from types import SimpleNamespace
-
-    from dllm_trainer.hosts.tlab_plugin import TransformerLabReporter
-
-    class QueuedAgain(FakeReporter):
-        output_dir_for_new_run = TransformerLabReporter.output_dir_for_new_run
-        job_id = "12"
-
-    out = tmp_path / "out"
-    (out / "checkpoint-6").mkdir(parents=True)
-    (out / "checkpoint-6" / "trainer_state.json").write_text("{}")
-    logged = []
-    cfg = app._never_over_another_run(job_cfg(tmp_path), QueuedAgain(), logged.append)
-    assert cfg.output_dir == str(out / "job_12") and "holds an earlier run's checkpoints (kept)" in logged[0]
-    (out / "job_12" / "x").mkdir(parents=True)  # that folder is taken too: the next free one
-    assert TransformerLabReporter.output_dir_for_new_run(SimpleNamespace(job_id="12"), job_cfg(tmp_path)) == str(out / "job_12_2")
-    # a resume stays where its checkpoints are
-    resumed = job_cfg(tmp_path, resume_from_checkpoint=str(out / "checkpoint-6"))
-    assert app._never_over_another_run(resumed, QueuedAgain(), logged.append).output_dir == str(out)
-
-
 def test_cuda_without_gpu_fails_before_any_worker(tmp_path, capsys):
     rep = FakeReporter()
     assert app.run_job(job_cfg(tmp_path, train_device="cuda"), rep, gpu_count=0) == 2
@@ -485,23 +461,23 @@ def test_tl_each_job_has_its_own_folder_and_latest_looks_at_earlier_jobs(tmp_pat
     assert rep.earlier_run_dirs(run) == [str(template / f"job_{n}") for n in (100, 11, 3)]
     assert StandaloneReporter().run_dir("/x/out") == "/x/out" and StandaloneReporter().earlier_run_dirs("/x") == []
 
-    # 'latest' in a new job resumes the newest valid checkpoint of the template's earlier jobs
+    # 'latest' in a new job resumes the newest checkpoint of the template's earlier jobs
     from dllm_trainer.training import checkpoints as ck
 
     calls = []
-    orig = ck.latest_valid_checkpoint
+    orig = ck.newest_checkpoint
 
-    def fake_latest(folder, log=print):
+    def fake_newest(folder):
         calls.append(os.path.basename(folder))
         return f"{folder}/checkpoint-5" if folder.endswith("job_11") else None
 
-    ck.latest_valid_checkpoint = fake_latest
+    ck.newest_checkpoint = fake_newest
     try:
         cfg = TrainConfig.from_dict({"model_name": "m", "dataset_name": "d", "output_dir": run,
                                      "resume_from_checkpoint": "latest"})
         got = app._resume_request(cfg, rep, log=lambda m: None)
     finally:
-        ck.latest_valid_checkpoint = orig
+        ck.newest_checkpoint = orig
     assert calls == ["job_12", "job_100", "job_11"]
     assert got.resume_from_checkpoint == str(template / "job_11" / "checkpoint-5")
 

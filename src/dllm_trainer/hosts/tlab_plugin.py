@@ -183,17 +183,6 @@ class TransformerLabReporter(WorkspaceHost):
         except Exception as e:  # noqa: BLE001 - bookkeeping must never fail a training run
             self._log(f"[dllm] warning: could not record checkpoint {path} with {APP_NAME}: {e}")
 
-    def output_dir_for_new_run(self, cfg) -> str:
-        """The app gives every run of a template the same output_dir (<experiment>/tensorboards/<template>),
-        and queuing a template again is its normal use: a run that does not resume writes into a folder
-        of its own beside the earlier run's checkpoints, which stay untouched."""
-        base = os.path.join(cfg.output_dir, f"job_{self.job_id}")
-        candidate, n = base, 1
-        while os.path.exists(candidate) and os.listdir(candidate):
-            n += 1
-            candidate = f"{base}_{n}"
-        return candidate
-
     # ---- the final model ---------------------------------------------------------------------
     def model_location(self, model_id: str, output_dir: str | None = None) -> str:
         if not isinstance(self.workspace, str) or "://" in self.workspace:
