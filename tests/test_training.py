@@ -39,8 +39,7 @@ def probe(minilm):
 def config(minilm, dataset, out, **kw) -> TrainConfig:
     raw = dict(model_name=str(minilm), dataset_name=str(dataset), output_dir=str(out), training_method="bert",
                train_device="cpu", max_length=32, batch_size=8, num_train_epochs=0, train_steps=16, logging_steps=1,
-               eval_strategy="steps", eval_steps=16, save_steps=1000, warmup_ratio=0,  # one evaluation: at the end
-               learning_rate_schedule="constant", seed=1)
+               eval_strategy="no", save_steps=1000, warmup_ratio=0, learning_rate_schedule="constant", seed=1)
     raw.update(kw)
     return TrainConfig.from_dict({k: str(v) if not isinstance(v, str) else v for k, v in raw.items()})
 
