@@ -261,7 +261,14 @@ class TaskReporter(WorkspaceHost):
         return self.sdk.job
 
     def job_config(self) -> tuple[dict, list[str]]:
-        return job_parameters(self.sdk.get_config())
+        # The app rewrites the job file in place (e.g. status STOPPING when Stop is pressed while we
+        # start); a read caught mid-write comes back empty ("Corrupt JSON ... treating as empty").
+        for _ in range(20):
+            params = self.sdk.get_config()
+            if params:
+                break
+            time.sleep(0.1)
+        return job_parameters(params)
 
     def _note(self, message: str) -> None:
         """A line in the job's own log (the app's job output), besides our stdout."""
