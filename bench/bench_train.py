@@ -1,5 +1,7 @@
 """Training throughput and peak memory: a straightforward MDLM step vs our MDLMTrainer path.
 
+    python bench/bench_train.py WORKLOAD --baseline dllm-recipe   # side by side with dllm's recipe
+                                                                 # (bench/side_by_side.py, README)
     python bench/bench_train.py            # default (~3 min on a 2-core CPU)
     python bench/bench_train.py --quick    # ~30 s smoke run
     python bench/bench_train.py --device cuda --dtype bf16 --batch-size 32   # GPU (adds MFU)
@@ -48,6 +50,9 @@ VARIANTS = ("baseline", "packed", "grouped")
 # ---- settings ------------------------------------------------------------------------------------
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--baseline", default="naive", choices=["naive", "dllm-recipe"],
+                    help="naive: this per-step comparison; dllm-recipe: whole training runs side by side with "
+                         "dllm's recipe on a workload folder (bench_train.py WORKLOAD --baseline dllm-recipe)")
     ap.add_argument("--model", default="", help="a real model folder (llada/dream); default: a random LLaDA from config")
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -385,6 +390,12 @@ def run_variant(args, variant: str, argv: list[str]) -> dict:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--baseline=dllm-recipe" in argv or any(
+            a == "--baseline" and b == "dllm-recipe" for a, b in zip(argv, argv[1:])):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import side_by_side
+
+        return side_by_side.main(argv)
     user_argv = list(argv)
     args = parse_args(argv)
     if args.worker:
