@@ -140,8 +140,11 @@ class FamilyStrategy:
         token_positions: torch.Tensor,
         targets: torch.Tensor,
         ce_chunk_size: int = 4096,
+        target_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token float32 cross-entropy and argmax-correctness at ``token_positions`` (flat)."""
+        """Per-token float32 cross-entropy and argmax-correctness at ``token_positions`` (flat).
+        With ``target_weights`` ``[N]``: the weighted sum ``sum_i w_i * CE_i`` instead of the
+        per-token CE (our models then use the fused head + loss, output_head.py)."""
         seq_len = input_ids.shape[1]
         out_pos = self.output_positions(token_positions, seq_len)
         if self.native_masked_head:
@@ -152,14 +155,18 @@ class FamilyStrategy:
                 output_positions=out_pos,
                 target_ids=targets,
                 ce_chunk_size=ce_chunk_size,
+                **({} if target_weights is None else {"target_weights": target_weights}),
             )
-            return out.token_loss, out.token_correct
+            loss = out.token_loss if target_weights is None else out.weighted_loss
+            return loss, out.token_correct
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         logits = model(**kwargs).logits
         picked = logits.flatten(0, 1)[out_pos].float()
         loss = F.cross_entropy(picked, targets, reduction="none")
+        if target_weights is not None:
+            loss = (loss * target_weights.float()).sum()
         return loss, picked.argmax(-1) == targets
 
 
@@ -265,13 +272,15 @@ class A2DStrategy(FamilyStrategy):
         return model(input_ids=input_ids, logits_to_keep=columns, use_cache=False, **kwargs).logits
 
     def masked_token_loss(self, model, input_ids, attention_mask, position_ids, token_positions, targets,
-                          ce_chunk_size: int = 4096):
+                          ce_chunk_size: int = 4096, target_weights=None):
         seq_len = input_ids.shape[1]
         out_pos = self.output_positions(token_positions, seq_len)
         columns, slot = torch.unique(out_pos % seq_len, return_inverse=True)
         logits = self.logits_at(model, input_ids, columns, attention_mask=attention_mask, position_ids=position_ids)
         picked = logits[out_pos // seq_len, slot].float()
         loss = F.cross_entropy(picked, targets, reduction="none")
+        if target_weights is not None:
+            loss = (loss * target_weights.float()).sum()
         return loss, picked.argmax(-1) == targets
 
 

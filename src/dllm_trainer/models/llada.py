@@ -31,7 +31,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .kv_cache import BlockKVCache, plan_forward, splice
-from .output_head import DiffusionLMOutput, apply_output_head, check_forward_kwargs
+from .output_head import DiffusionLMOutput, LinearHead, check_forward_kwargs, linear_head_of, output_head_fields
 from .serialization import full_diff_dict
 
 LLADA2_MOE_ERROR = (
@@ -435,6 +435,12 @@ class LLaDAModel(nn.Module):
             logits = logits * (1.0 / math.sqrt(self.config.d_model))
         return logits
 
+    def linear_head(self) -> Optional[LinearHead]:
+        """``head`` in parts for the fused loss (None when the projection is wrapped, e.g. by LoRA)."""
+        proj = self.transformer.wte if self.config.weight_tying else self.transformer.ff_out
+        scale = 1.0 / math.sqrt(self.config.d_model) if self.config.scale_logits else None
+        return linear_head_of(self.transformer.ln_f, proj, scale)
+
 
 # --------------------------------------------------------------------------------------------
 # The transformers-facing model
@@ -465,6 +471,7 @@ class LLaDAModelLM(PreTrainedModel):
         output_positions: Optional[torch.LongTensor] = None,
         target_ids: Optional[torch.LongTensor] = None,
         ce_chunk_size: int = 4096,
+        target_weights: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
@@ -483,13 +490,13 @@ class LLaDAModelLM(PreTrainedModel):
             cache_start=cache_start,
             output_hidden_states=bool(output_hidden_states),
         )
-        logits, token_loss, token_correct = apply_output_head(
-            hidden, self.model.head, output_positions, target_ids, ce_chunk_size
+        fields = output_head_fields(
+            hidden, self.model.head, output_positions, target_ids, ce_chunk_size,
+            target_weights=target_weights, vocab_size=self.config.effective_embedding_size,
+            linear_head=self.model.linear_head() if target_weights is not None else None,
         )
         out = DiffusionLMOutput(
-            logits=logits,
-            token_loss=token_loss,
-            token_correct=token_correct,
+            **fields,
             cache=cache,
             hidden_states=all_hidden,
         )

@@ -47,7 +47,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 
 from .kv_cache import BlockKVCache, plan_forward, splice
-from .output_head import DiffusionLMOutput, apply_output_head, check_forward_kwargs
+from .output_head import DiffusionLMOutput, check_forward_kwargs, linear_head_of, output_head_fields
 from .serialization import full_diff_dict
 
 LLADA_MOE_AUTO_MAP = {
@@ -467,6 +467,7 @@ class LLaDAMoEModelLM(PreTrainedModel):
         output_positions: Optional[torch.LongTensor] = None,
         target_ids: Optional[torch.LongTensor] = None,
         ce_chunk_size: int = 4096,
+        target_weights: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
         output_hidden_states: Optional[bool] = None,
         output_router_logits: Optional[bool] = None,
@@ -488,8 +489,10 @@ class LLaDAMoEModelLM(PreTrainedModel):
             cache_start=cache_start,
             output_hidden_states=bool(output_hidden_states),
         )
-        logits, token_loss, token_correct = apply_output_head(
-            hidden, self._head, output_positions, target_ids, ce_chunk_size
+        fields = output_head_fields(
+            hidden, self._head, output_positions, target_ids, ce_chunk_size,
+            target_weights=target_weights, vocab_size=self.config.vocab_size,
+            linear_head=linear_head_of(self.model.norm, self.lm_head) if target_weights is not None else None,
         )
         aux_loss = None
         if output_router_logits and router_logits:
@@ -497,9 +500,7 @@ class LLaDAMoEModelLM(PreTrainedModel):
             keys = attention_mask if attention_mask is not None and tuple(attention_mask.shape) == hidden.shape[:2] else None
             aux_loss = load_balancing_loss(router_logits, self.config.num_experts, self.config.num_experts_per_tok, keys)
         out = LLaDAMoEOutput(
-            logits=logits,
-            token_loss=token_loss,
-            token_correct=token_correct,
+            **fields,
             cache=cache,
             hidden_states=all_hidden,
             aux_loss=aux_loss,

@@ -223,6 +223,7 @@ def packed_masked_token_loss(
     token_positions: torch.Tensor,
     targets: torch.Tensor,
     ce_chunk_size: int = 4096,
+    target_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``family.masked_token_loss`` for a packed batch: block-diagonal attention, per-segment positions,
     and the Dream shift applied per segment (the family's own shift only knows row starts, so it is
@@ -231,5 +232,6 @@ def packed_masked_token_loss(
         raise ValueError(f"packing needs a model that takes 4-D attention masks; family '{family.name}' does not")
     out_pos = segment_output_positions(family, token_positions, position_ids)
     return _unshifted(family).masked_token_loss(
-        model, input_ids, block_diagonal_mask(segment_ids), position_ids, out_pos, targets, ce_chunk_size
+        model, input_ids, block_diagonal_mask(segment_ids), position_ids, out_pos, targets, ce_chunk_size,
+        target_weights=target_weights,
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import Trainer
@@ -46,23 +46,34 @@ class DiffusionSettings:
     max_consecutive_skips: int = 10
 
 
-@dataclass
 class _Stats:
-    """Sums between two log lines (per worker; reduced over workers when logged)."""
+    """Sums between two log lines (per worker; reduced over workers when logged).
 
-    correct: float = 0.0
-    masked: float = 0.0
-    trainable: float = 0.0
-    mask_ratio: float = 0.0
-    samples: float = 0.0
-    since: float = field(default_factory=time.perf_counter)
+    Kept as one small tensor on the device and added to without reading it back: a float() per
+    micro-batch would make the host wait for the device at every step just for numbers that are
+    only printed every logging_steps. Reading an attribute (``.masked``) does sync.
+    """
+
+    FIELDS = ("correct", "masked", "trainable", "mask_ratio", "samples")
+
+    def __init__(self):
+        self.sums: torch.Tensor | None = None
+        self.since = time.perf_counter()
 
     def add(self, correct, masked, trainable, mask_ratio_sum, samples):
-        self.correct += correct
-        self.masked += masked
-        self.trainable += trainable
-        self.mask_ratio += mask_ratio_sum
-        self.samples += samples
+        """Each value a number or a 0-d tensor (on the training device)."""
+        vals = [correct, masked, trainable, mask_ratio_sum, samples]
+        device = next((v.device for v in vals if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        row = torch.stack([torch.as_tensor(v, device=device).to(torch.float64) for v in vals])
+        self.sums = row if self.sums is None else self.sums.add_(row.to(self.sums.device))
+
+    def values(self) -> list[float]:
+        return [0.0] * 5 if self.sums is None else self.sums.tolist()
+
+    def __getattr__(self, name):
+        if name in _Stats.FIELDS:
+            return self.values()[_Stats.FIELDS.index(name)]
+        raise AttributeError(name)
 
     def reset(self):
         self.__init__()
@@ -146,21 +157,22 @@ class MDLMTrainer(Trainer):
         targets = labels.flatten()[positions]
 
         if positions.numel() > 0:
+            # The weights go into the model's head: with them it computes sum_i w_i * CE_i and its
+            # gradients in one fused pass (output_head.py) instead of per-token losses.
             if packed:  # block-diagonal attention, per-segment positions and Dream shift
-                token_loss, correct = packed_masked_token_loss(
-                    d.family, model, noisy, inputs["segment_ids"], inputs["position_ids"], positions, targets,
-                    d.ce_chunk_size,
-                )
                 weights = packed_weights
+                weighted_sum, correct = packed_masked_token_loss(
+                    d.family, model, noisy, inputs["segment_ids"], inputs["position_ids"], positions, targets,
+                    d.ce_chunk_size, target_weights=weights.flatten()[positions],
+                )
             else:
                 padding = d.family.padding  # trained Dream padding: isolated in attention, clean CART context
-                token_loss, correct = d.family.masked_token_loss(
-                    model, noisy, padding.model_attention_mask(attention_mask), inputs.get("position_ids"),
-                    positions, targets, d.ce_chunk_size,
-                )
                 weights = token_weights(d.weight_kind, masked, t, geo_p=d.geo_p,
                                         attention_mask=padding.context_mask(attention_mask))
-            weighted_sum = (token_loss * weights.flatten()[positions]).sum()
+                weighted_sum, correct = d.family.masked_token_loss(
+                    model, noisy, padding.model_attention_mask(attention_mask), inputs.get("position_ids"),
+                    positions, targets, d.ce_chunk_size, target_weights=weights.flatten()[positions],
+                )
         else:
             # No masked token in this micro-batch (tiny t): a zero loss that still touches every
             # parameter, so distributed workers stay in step.
@@ -179,9 +191,7 @@ class MDLMTrainer(Trainer):
                 loss = loss * self.accelerator.num_processes
 
         stats = self._train_stats if training else self._eval_stats
-        stats.add(
-            float(correct.sum()), float(positions.numel()), float(trainable), float(t.sum()), float(t.numel())
-        )
+        stats.add(correct.sum(), positions.numel(), trainable, t.sum(), t.numel())
         if training:
             loss = self._check_finite(loss, model)
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
@@ -294,7 +304,7 @@ class MDLMTrainer(Trainer):
 
     def _reduce_stats(self, s: _Stats, prefix: str) -> dict[str, float]:
         elapsed = max(time.perf_counter() - s.since, 1e-9)
-        vals = torch.tensor([s.correct, s.masked, s.trainable, s.mask_ratio, s.samples], dtype=torch.float64)
+        vals = torch.tensor(s.values(), dtype=torch.float64)
         if self.accelerator.num_processes > 1:
             vals = self.accelerator.reduce(vals.to(self.accelerator.device), reduction="sum").cpu()
         correct, masked, trainable, ratio, samples = vals.tolist()
