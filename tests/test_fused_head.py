@@ -131,3 +131,52 @@ def test_chunk_rows_caps_the_logits_bytes(monkeypatch):
     assert chunk_rows(64, 5000, 1000) == 64  # the configured size when smaller
     assert chunk_rows(0, 30, 10) == 30  # 0: everything in one chunk (within the cap)
     assert chunk_rows(4096, 5000, 10**9) == 1  # at least one row
+
+
+# ---- the last block computes only the selected rows (QueryRows) ----------------------------------
+def _model(path):
+    from transformers import AutoModel
+
+    import dllm_trainer.models  # noqa: F401
+
+    return AutoModel.from_pretrained(path, dtype=torch.float32).train()
+
+
+def _grads(model, loss):
+    return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "one_row", "checkpointed"])
+def test_selected_rows_equal_full_forward(family, layout, llada_tiny, dream_tiny):
+    from dllm_trainer.training.packing import block_diagonal_mask
+
+    model = _model(llada_tiny if family == "llada" else dream_tiny)
+    g = torch.Generator().manual_seed(1)
+    B, L = 3, 20
+    ids = torch.randint(3, 400, (B, L), generator=g)
+    kwargs = {}
+    if layout == "packed":  # two segments per row, block-diagonal 4-D mask, restarting positions
+        seg = torch.tensor([0] * 8 + [1] * 12).repeat(B, 1)
+        kwargs = dict(attention_mask=block_diagonal_mask(seg),
+                      position_ids=torch.cat([torch.arange(8), torch.arange(12)]).repeat(B, 1))
+    else:
+        am = torch.ones(B, L, dtype=torch.long)
+        am[1, 14:] = 0  # a right-padded row
+        kwargs = dict(attention_mask=am)
+    if layout == "one_row":
+        pos = torch.tensor([0, 3, 4, 5, 19])  # all in the first sequence
+    else:
+        pos = torch.tensor([0, 1, 1, 7, 21, 22, 30, 45, 59, 58])  # unsorted, with a duplicate
+    if layout == "checkpointed":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    w = torch.randn(pos.numel(), model.config.vocab_size, generator=g)
+
+    picked = model(input_ids=ids, output_positions=pos, **kwargs).logits
+    full = model(input_ids=ids, **kwargs).logits.flatten(0, 1)[pos]
+    torch.testing.assert_close(picked, full, rtol=1e-5, atol=1e-5)
+    for a, b in zip(_grads(model, (picked * w).sum()), _grads(model, (full * w).sum())):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # summation order differs

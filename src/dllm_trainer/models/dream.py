@@ -28,7 +28,7 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 
 from .kv_cache import BlockKVCache, plan_forward, splice
-from .output_head import DiffusionLMOutput, check_forward_kwargs, linear_head_of, output_head_fields
+from .output_head import DiffusionLMOutput, QueryRows, check_forward_kwargs, linear_head_of, output_head_fields
 from .serialization import full_diff_dict
 
 DREAM_AUTO_MAP = {
@@ -164,13 +164,20 @@ class DreamAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask=None, past_kv=None, cache_start=None):
+    def forward(self, x, cos, sin, attn_mask=None, past_kv=None, cache_start=None, query_rows=None):
+        """With ``query_rows``: the output ``[U, hidden]`` at those positions only (see QueryRows)."""
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if query_rows is not None:
+            C = query_rows.col.shape[1]
+            q = self.q_proj(query_rows.per_row(x)).view(B, C, self.num_heads, self.head_dim).transpose(1, 2)
+            cos, sin = query_rows.per_row_heads(cos), query_rows.per_row_heads(sin)
+            attn_mask = query_rows.per_row_heads(attn_mask)
+        else:
+            q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
         present = (k, v)
         if past_kv is not None:  # Fast-dLLM: attend over the cached sequence with our slice fresh
             k, v = splice(past_kv[0], k, cache_start), splice(past_kv[1], v, cache_start)
@@ -180,6 +187,8 @@ class DreamAttention(nn.Module):
         att = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0, is_causal=False
         )
+        if query_rows is not None:
+            return self.o_proj(query_rows.gather_output(att)), None
         att = att.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)
         return self.o_proj(att), present
 
@@ -206,9 +215,9 @@ class DreamDecoderLayer(nn.Module):
         self.input_layernorm = DreamRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DreamRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask=None, past_kv=None, cache_start=None):
-        att, present = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, past_kv, cache_start)
-        x = x + att
+    def forward(self, x, cos, sin, attn_mask=None, past_kv=None, cache_start=None, query_rows=None):
+        att, present = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, past_kv, cache_start, query_rows)
+        x = (x if query_rows is None else query_rows.take(x)) + att
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, present
 
@@ -236,19 +245,24 @@ class DreamBaseModel(nn.Module):
         use_cache: bool = False,
         cache_start: Optional[int] = None,
         output_hidden_states: bool = False,
+        output_positions: Optional[torch.Tensor] = None,
     ):
+        """Pre-norm hidden states ``[B, L, D]``; with ``output_positions`` (flat, no cache, no hidden
+        states) only the rows there, ``[N, D]``: the last layer computes no other row."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, L = x.shape[:2]
         plan = plan_forward(B, L, x.device, attention_mask, position_ids, past_key_values, use_cache, cache_start)
         cos, sin = rotary_cos_sin(plan.position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        rows = QueryRows(output_positions, B, L) if output_positions is not None else None
+        last = len(self.layers) - 1
 
         all_hidden = []
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden.append(x)
-            args = (x, cos, sin, plan.attn_mask, plan.past_for_layer(i), plan.cache_start)
+            args = (x, cos, sin, plan.attn_mask, plan.past_for_layer(i), plan.cache_start, rows if i == last else None)
             if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
                 x, present = layer._gradient_checkpointing_func(layer.__call__, *args)
             else:
@@ -257,6 +271,8 @@ class DreamBaseModel(nn.Module):
                 plan.cache.store(i, *present)
         if output_hidden_states:
             all_hidden.append(self.norm(x))
+        if rows is not None:
+            x = x.index_select(0, rows.output_index)
         return x, plan.cache, (tuple(all_hidden) if output_hidden_states else None)
 
 
@@ -303,6 +319,12 @@ class DreamModel(PreTrainedModel):
         **kwargs,
     ):
         check_forward_kwargs(labels, output_attentions, kwargs)
+        # Only the selected positions feed the head: the last layer computes just those rows.
+        # (Not under torch.compile: the per-sequence query width is data-dependent and would split
+        # the graph; compiled models keep one graph for every batch.)
+        prune = (output_positions is not None and past_key_values is None and not use_cache
+                 and not output_hidden_states and output_positions.numel() > 0
+                 and not torch.compiler.is_compiling())
         hidden, cache, all_hidden = self.model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -312,9 +334,10 @@ class DreamModel(PreTrainedModel):
             use_cache=bool(use_cache),
             cache_start=cache_start,
             output_hidden_states=bool(output_hidden_states),
+            output_positions=output_positions if prune else None,
         )
         fields = output_head_fields(
-            hidden, self._head, output_positions, target_ids, ce_chunk_size,
+            hidden, self._head, output_positions, target_ids, ce_chunk_size, preselected=prune,
             target_weights=target_weights, vocab_size=self.config.vocab_size,
             linear_head=linear_head_of(self.model.norm, self.lm_head) if target_weights is not None else None,
         )

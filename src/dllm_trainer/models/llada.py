@@ -31,7 +31,14 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .kv_cache import BlockKVCache, plan_forward, splice
-from .output_head import DiffusionLMOutput, LinearHead, check_forward_kwargs, linear_head_of, output_head_fields
+from .output_head import (
+    DiffusionLMOutput,
+    LinearHead,
+    QueryRows,
+    check_forward_kwargs,
+    linear_head_of,
+    output_head_fields,
+)
 from .serialization import full_diff_dict
 
 LLADA2_MOE_ERROR = (
@@ -344,14 +351,25 @@ class LLaDALlamaBlock(nn.Module):
         attn_mask: Optional[torch.Tensor] = None,
         past_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         cache_start: Optional[int] = None,
+        query_rows: Optional[QueryRows] = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Returns the new hidden states and this block's fresh (rotated) K/V for caching."""
+        """Returns the new hidden states and this block's fresh (rotated) K/V for caching.
+
+        With ``query_rows`` only those positions' new hidden states, ``[U, D]`` (keys and values
+        still come from every position), and no K/V."""
         B, L, _ = x.shape
         h = self.attn_norm(x)
-        q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if query_rows is not None:
+            hq, C = query_rows.per_row(h), query_rows.col.shape[1]
+            q = self.q_proj(hq).view(B, C, self.n_heads, self.head_dim).transpose(1, 2)
+            q = apply_rotary(q, query_rows.per_row_heads(cos), query_rows.per_row_heads(sin))
+            attn_mask = query_rows.per_row_heads(attn_mask)
+        else:
+            q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+            q = apply_rotary(q, cos, sin)
         present = (k, v)
         if past_kv is not None:  # Fast-dLLM: attend over the cached sequence with our slice fresh
             k, v = splice(past_kv[0], k, cache_start), splice(past_kv[1], v, cache_start)
@@ -361,7 +379,10 @@ class LLaDALlamaBlock(nn.Module):
         att = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0, is_causal=False
         )
-        att = att.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)
+        if query_rows is not None:
+            x, att, present = query_rows.take(x), query_rows.gather_output(att), None
+        else:
+            att = att.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)
         x = x + self.dropout(self.attn_out(att))
 
         h = self.ff_norm(x)
@@ -398,7 +419,10 @@ class LLaDAModel(nn.Module):
         use_cache: bool = False,
         cache_start: Optional[int] = None,
         output_hidden_states: bool = False,
+        output_positions: Optional[torch.Tensor] = None,
     ):
+        """Pre-norm hidden states ``[B, L, D]``; with ``output_positions`` (flat, no cache, no hidden
+        states) only the rows there, ``[N, D]``: the last block computes no other row."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
@@ -408,12 +432,14 @@ class LLaDAModel(nn.Module):
             x = x * (self.config.d_model**0.5)
         x = self.transformer.emb_drop(x)
         cos, sin = rotary_cos_sin(plan.position_ids, self.config.head_dim, self.config.rope_theta)
+        rows = QueryRows(output_positions, B, L) if output_positions is not None else None
+        last = len(self.transformer.blocks) - 1
 
         all_hidden = []
         for i, block in enumerate(self.transformer.blocks):
             if output_hidden_states:
                 all_hidden.append(x)
-            args = (x, cos, sin, plan.attn_mask, plan.past_for_layer(i), plan.cache_start)
+            args = (x, cos, sin, plan.attn_mask, plan.past_for_layer(i), plan.cache_start, rows if i == last else None)
             if block.gradient_checkpointing and block.training and torch.is_grad_enabled():
                 x, present = block._gradient_checkpointing_func(block.__call__, *args)
             else:
@@ -422,6 +448,8 @@ class LLaDAModel(nn.Module):
                 plan.cache.store(i, *present)
         if output_hidden_states:
             all_hidden.append(self.transformer.ln_f(x))
+        if rows is not None:
+            x = x.index_select(0, rows.output_index)
         return x, plan.cache, (tuple(all_hidden) if output_hidden_states else None)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
@@ -480,6 +508,12 @@ class LLaDAModelLM(PreTrainedModel):
         **kwargs,
     ):
         check_forward_kwargs(labels, output_attentions, kwargs)
+        # Only the selected positions feed the head: the last block computes just those rows.
+        # (Not under torch.compile: the per-sequence query width is data-dependent and would split
+        # the graph; compiled models keep one graph for every batch.)
+        prune = (output_positions is not None and past_key_values is None and not use_cache
+                 and not output_hidden_states and output_positions.numel() > 0
+                 and not torch.compiler.is_compiling())
         hidden, cache, all_hidden = self.model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -489,9 +523,10 @@ class LLaDAModelLM(PreTrainedModel):
             use_cache=bool(use_cache),
             cache_start=cache_start,
             output_hidden_states=bool(output_hidden_states),
+            output_positions=output_positions if prune else None,
         )
         fields = output_head_fields(
-            hidden, self.model.head, output_positions, target_ids, ce_chunk_size,
+            hidden, self.model.head, output_positions, target_ids, ce_chunk_size, preselected=prune,
             target_weights=target_weights, vocab_size=self.config.effective_embedding_size,
             linear_head=self.model.linear_head() if target_weights is not None else None,
         )

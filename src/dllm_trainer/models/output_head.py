@@ -5,7 +5,10 @@ tokens the logits are ``N x V`` and their float32 copy for the loss is twice tha
 masked diffusion training only the masked positions carry a loss, so both models
 
 1. gather the final hidden states at ``output_positions`` (flat indices into ``B * L``) before
-   the head, so the head never runs on unmasked tokens, and
+   the head, so the head never runs on unmasked tokens; the LAST block already computes only
+   those rows (``QueryRows``: its keys/values still come from every position, but its queries,
+   attention output, residual and MLP only from the selected ones: nothing after it reads the
+   other rows), and
 2. with ``target_ids``, run (head + cross-entropy) over chunks of rows, each chunk under
    ``torch.utils.checkpoint``: backward recomputes that chunk's logits instead of storing them,
    so at most one ``chunk x V`` block of logits exists at any time;
@@ -245,16 +248,65 @@ def fused_linear_cross_entropy(
     return _FusedLinearCrossEntropy.apply(normed, head.weight, head.bias, targets, row_weights, head.scale, rows, grads)
 
 
+class QueryRows:
+    """Sorted unique flat positions (into ``B * L``) laid out per sequence for attention queries.
+
+    ``col`` / ``valid`` are ``[B, C]`` (C = the most positions in one sequence; shorter rows are
+    padded with column 0, ``valid`` False), so a block can run its queries as ``[B, H, C, hd]``
+    against all ``L`` keys. ``output_index`` maps each requested output position to its row in
+    the ``[U, D]`` result (duplicates allowed, e.g. Dream's shifted positions).
+    """
+
+    def __init__(self, output_positions: torch.Tensor, batch_size: int, seq_len: int):
+        check_positions(output_positions)
+        output_positions = output_positions.long()
+        flat, self.output_index = torch.unique(output_positions, sorted=True, return_inverse=True)
+        row, col = flat // seq_len, flat % seq_len
+        counts = torch.bincount(row, minlength=batch_size)
+        width = int(counts.max())
+        rank = torch.arange(flat.numel(), device=flat.device) - (counts.cumsum(0) - counts)[row]
+        self.flat = flat
+        self.col = torch.zeros(batch_size, width, dtype=torch.long, device=flat.device).index_put_((row, rank), col)
+        self.valid = torch.zeros(batch_size, width, dtype=torch.bool, device=flat.device).index_put_(
+            (row, rank), torch.ones_like(col, dtype=torch.bool))
+        self.batch = torch.arange(batch_size, device=flat.device)[:, None].expand(batch_size, width)
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, L, D]`` -> ``[U, D]`` at the positions."""
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.flat)
+
+    def per_row(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, L, D]`` -> ``[B, C, D]`` (padding rows: column 0)."""
+        return x[self.batch, self.col]
+
+    def per_row_heads(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``[B or 1, 1 or H, L, X]`` (rotary tables, 4-D masks) -> ``[B, 1 or H, C, X]``; a tensor
+        that does not vary along L (``size(-2) == 1``, e.g. a key padding mask) is returned as is."""
+        if t is None or t.shape[-2] == 1:
+            return t
+        t = t.expand(self.batch.shape[0], *t.shape[1:]).transpose(1, 2)  # [B, L, h, X]
+        return t[self.batch, self.col].transpose(1, 2)
+
+    def gather_output(self, att: torch.Tensor) -> torch.Tensor:
+        """Attention output ``[B, H, C, hd]`` -> ``[U, H * hd]`` (valid rows, in position order)."""
+        att = att.transpose(1, 2)[self.valid]
+        return att.reshape(att.shape[0], -1)
+
+
 def select_positions(hidden: torch.Tensor, output_positions: torch.Tensor) -> torch.Tensor:
     """Rows of ``hidden`` (``[B, L, D]``) at flat indices ``output_positions`` (into ``B * L``) -> ``[N, D]``."""
+    check_positions(output_positions)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return flat.index_select(0, output_positions.to(device=hidden.device, dtype=torch.long))
+
+
+def check_positions(output_positions: torch.Tensor) -> None:
     if output_positions.dim() != 1:
         raise ValueError(
             f"output_positions must be a 1-D tensor of flat indices into B*L, got {list(output_positions.shape)}"
         )
     if output_positions.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"output_positions must be an integer tensor, got {output_positions.dtype}")
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    return flat.index_select(0, output_positions.to(device=hidden.device, dtype=torch.long))
 
 
 def output_head_fields(
@@ -266,6 +318,7 @@ def output_head_fields(
     target_weights: Optional[torch.Tensor] = None,
     linear_head: Optional[LinearHead] = None,
     vocab_size: Optional[int] = None,
+    preselected: bool = False,
 ) -> dict[str, Optional[torch.Tensor]]:
     """Shared tail of both models' forward: the ``DiffusionLMOutput`` fields ``logits``,
     ``weighted_loss``, ``token_loss``, ``token_correct``.
@@ -274,6 +327,7 @@ def output_head_fields(
     so that it can be applied to a gathered subset. ``linear_head`` is the same head in parts
     (None when it is not a plain linear layer); with ``target_weights`` it selects the fused loss.
     ``vocab_size`` (the head's output size) caps the rows per chunk (``chunk_rows``).
+    ``preselected``: ``hidden`` is already ``[N, D]``, the rows at ``output_positions`` (``QueryRows``).
     """
     out = dict(logits=None, weighted_loss=None, token_loss=None, token_correct=None)
     if target_weights is not None and target_ids is None:
@@ -283,7 +337,7 @@ def output_head_fields(
             raise ValueError("target_ids requires output_positions (the flat positions the targets belong to).")
         out["logits"] = head(hidden)
         return out
-    selected = select_positions(hidden, output_positions)
+    selected = hidden if preselected else select_positions(hidden, output_positions)
     if target_ids is None:
         out["logits"] = head(selected)
         return out
