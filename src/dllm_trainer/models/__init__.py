@@ -36,7 +36,7 @@ REMOTE_CODE = {
     ),
     "DreamModel": ({"AutoConfig": "dream.DreamConfig", "AutoModel": "dream.DreamModel"}, ("dream.py",)),
 }
-REMOTE_CODE_SHARED_FILES = ("kv_cache.py", "output_head.py", "serialization.py")
+REMOTE_CODE_SHARED_FILES = ("kv_cache.py", "output_head.py", "serialization.py", "swiglu.py")
 
 AutoConfig.register(LLaDAConfig.model_type, LLaDAConfig, exist_ok=True)
 AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)

@@ -30,6 +30,7 @@ from transformers.activations import ACT2FN
 from .kv_cache import BlockKVCache, plan_forward, splice
 from .output_head import DiffusionLMOutput, QueryRows, check_forward_kwargs, linear_head_of, output_head_fields
 from .serialization import full_diff_dict
+from .swiglu import swiglu
 
 DREAM_AUTO_MAP = {
     "AutoConfig": "configuration_dream.DreamConfig",
@@ -202,7 +203,7 @@ class DreamMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj, self.act_fn)
 
 
 class DreamDecoderLayer(nn.Module):

@@ -40,6 +40,7 @@ from .output_head import (
     output_head_fields,
 )
 from .serialization import full_diff_dict
+from .swiglu import swiglu
 
 LLADA2_MOE_ERROR = (
     "LLaDA 2.x MoE (model_type 'llada2_moe', LLaDA2MoeModelLM, e.g. inclusionAI/LLaDA2.0-mini) is not "
@@ -386,7 +387,7 @@ class LLaDALlamaBlock(nn.Module):
         x = x + self.dropout(self.attn_out(att))
 
         h = self.ff_norm(x)
-        x = x + self.dropout(self.ff_out(self.act(self.ff_proj(h)) * self.up_proj(h)))
+        x = x + self.dropout(swiglu(h, self.ff_proj, self.up_proj, self.ff_out, self.act))
         return x, present
 
 

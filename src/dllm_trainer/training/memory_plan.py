@@ -76,6 +76,9 @@ class ModelShape:
     lora_params: int = 0  # for the job's LoRA rank and targets
     lora_inputs_per_block: int = 0  # sum of in_features of the LoRA-wrapped Linears of one block
     lora_linears_per_block: int = 0
+    # down projections of our LLaDA/Dream SwiGLU MLPs (models/swiglu.py): in a full fine-tune they
+    # keep neither the SwiGLU product nor an autocast copy of their weight for backward
+    swiglu_down_weights: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -140,13 +143,16 @@ def _block_activations(shape: ModelShape, spec: RunSpec, s: int, sx: int) -> flo
     the embedding output: float32 master weights keep it float32 under autocast)."""
     d, h = shape.hidden, shape.intermediate
     b = 4 * s * d  # SDPA keeps q, k, v (k/v repeated to all heads for GQA) and its output (o_proj reads a view of it)
-    b += 3 * s * h  # SwiGLU: gate pre-activation, its activation, the up projection
     if not spec.lora:
+        fused = shape.swiglu_down_weights > 0
         cast = sx != s  # autocast casts each Linear's input separately, and each copy is kept
         b += 2 * (4 * d + sx * d)  # two RMSNorms: float32 input (the residual itself when float32), normalised copy
         b += (3 * s * d if cast else sx * d) + (2 * s * d if cast else sx * d)  # inputs of q/k/v and gate/up
-        b += s * h  # the SwiGLU product, kept by the down projection
+        # SwiGLU: gate pre-activation and up projection (+ its activation and the product the down
+        # projection keeps, unless models/swiglu.py rebuilds them in backward)
+        b += 2 * s * h if fused else 4 * s * h
         return b
+    b += 3 * s * h  # SwiGLU around an adaptor-wrapped down projection: gate pre-activation, its activation, up
     # Frozen base: its Linears and norms keep no inputs for weight gradients; the adaptors do.
     b += 2 * 4 * d  # the norms' float32 inputs
     if shape.lora_linears_per_block:
@@ -216,7 +222,7 @@ def estimate(shape: ModelShape, spec: RunSpec) -> MemoryPlan:
     # autocast copies of the Linear weights, kept from their use in forward until their backward
     casts = 0.0
     if half and not spec.lora and not ds and not (spec.kind == "fsdp" and spec.sharding != "none"):
-        casts = shape.linear_weights * s
+        casts = (shape.linear_weights - shape.swiglu_down_weights) * s
     elif half and spec.lora:
         casts = shape.lora_params * s
 
@@ -329,7 +335,18 @@ def model_shape(config, *, family: str, lora_r: int = 0, lora_targets="all-linea
         lora_params=sum(lora_r * (m.in_features + m.out_features) for _, m in lora),
         lora_inputs_per_block=sum(m.in_features for m in lora_first),
         lora_linears_per_block=len(lora_first),
+        swiglu_down_weights=sum(d.weight.numel() for d in map(_swiglu_down, model.modules()) if d is not None),
     )
+
+
+def _swiglu_down(module):
+    """The down projection of one of our models' SwiGLU MLPs (models/swiglu.py), else None."""
+    name = type(module).__name__
+    if name == "LLaDALlamaBlock":
+        return module.ff_out
+    if name == "DreamMLP":
+        return module.down_proj
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
