@@ -37,7 +37,7 @@ METHOD = {"llada": "llada", "llada_moe": "llada", "dream": "dream"}
 OUR_FILES = {"llada": ("llada.py", "llada_moe.py"), "llada_moe": ("llada_moe.py",), "dream": ("dream.py",)}
 CODE_FILES = {"llada": ("configuration_llada.py", "modeling_llada.py"),
               "dream": ("configuration_dream.py", "modeling_dream.py")}  # tests/assets/hub_code
-SHARED = ("kv_cache.py", "output_head.py", "serialization.py")
+SHARED = ("kv_cache.py", "output_head.py", "serialization.py", "swiglu.py")
 TEXT = "Hi, mask <|mdm_mask|> and end<|endoftext|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
