@@ -483,7 +483,10 @@ def launcher_env(a) -> dict[str, str]:
 
     cfg = TrainConfig.from_dict({"model_name": str(a.workload / "model"), "dataset_name": str(a.workload / "data.jsonl"),
                                  "training_method": "llada", "train_device": "cpu"})
-    env = build_launch(cfg, "unused.json", base_env={"OMP_NUM_THREADS": str(a.threads)}).env
+    base = {"OMP_NUM_THREADS": str(a.threads)}
+    if "OMP_WAIT_POLICY" in os.environ:  # the launcher keeps a user's own setting (empty: libgomp's default)
+        base["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
+    env = build_launch(cfg, "unused.json", base_env=base).env
     return {k: v for k, v in env.items() if v is not None and k != "OMP_NUM_THREADS"}
 
 
