@@ -34,12 +34,16 @@ def chain_steps(text: str) -> int:
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
-def _fit_chain(model, steps=400, lr=3e-3, n=8, length=32):
+def _fit_chain(model, steps=600, lr=1e-3, n=8, length=32):
     def batch(g):
         start = torch.randint(0, 8, (n, 1), generator=g)
         return 10 + (start + torch.arange(length)) % 8
 
-    return fit_mdlm(model, batch, steps=steps, lr=lr, seed=0, mask_id=MASK)
+    # then steps at a tenth of the rate, so the fit settles instead of depending on where the last
+    # step left it: the tests below threshold what the sampler gets right, and at 3e-3 without this
+    # a change of rounding (not of the gradients: equal to 2e-7) moved them across the threshold
+    fit_mdlm(model, batch, steps=steps, lr=lr, seed=0, mask_id=MASK)
+    return fit_mdlm(model, batch, steps=steps // 2, lr=lr / 10, seed=1, mask_id=MASK)
 
 
 @pytest.fixture(scope="module")

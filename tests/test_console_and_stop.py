@@ -163,11 +163,15 @@ def test_ctrl_c_at_the_terminal_stops_with_a_checkpoint_and_resume_latest_contin
     text = "\n".join(lines)
     assert "Traceback" not in text and "[dllm-event]" not in text
     said = next(i for i, ln in enumerate(lines) if ln.startswith("[dllm] Ctrl-C: the workers stop after the step in progress"))
-    steps_after = [ln for ln in lines[said:] if ln.startswith("[dllm] step ")]
-    assert len(steps_after) <= 1, lines[said:]  # at most the step in progress
+    steps_after = [int(ln.split()[2].split("/")[0]) for ln in lines[said:] if ln.startswith("[dllm] step ")]
     ckpts = sorted(out.glob("checkpoint-*"))
     assert len(ckpts) == 1 and checkpoint_problems(str(ckpts[0])) == []
     step = int(ckpts[0].name.split("-")[1])
+    # The STOP file is written before the message; the workers end the step in progress and save it.
+    # A step that had ended before may still be on its way through the log relay when the message is
+    # printed, so at most two step lines follow it, and training stops at the last one.
+    assert len(steps_after) <= 2 and all(n <= step for n in steps_after), lines[said:]
+    assert not steps_after or steps_after[-1] == step, lines[said:]
     assert f"[dllm] stopped: stopped (Ctrl-C) at step {step}; checkpoint {ckpts[0]}" in text
     assert not (out / "models").exists() and not (out / "STOP").exists()
 

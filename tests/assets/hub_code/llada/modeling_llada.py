@@ -6,3 +6,4 @@ from .kv_cache import BlockKVCache  # noqa: F401,E402
 from .llada_moe import LLaDAMoEConfig  # noqa: F401,E402
 from .output_head import DiffusionLMOutput  # noqa: F401,E402
 from .serialization import full_diff_dict  # noqa: F401,E402
+from .swiglu import swiglu  # noqa: F401,E402
