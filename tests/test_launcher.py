@@ -311,9 +311,17 @@ ev(event="result", stopped=True, adaptor_dir=None, final_model_dir=None, metrics
         asked.append(time.monotonic())
         return len(asked) >= 3
 
-    res = run_workers(plan, output_dir=str(out_dir), env=dict(os.environ), should_stop=should_stop, poll_interval=0.2)
+    acknowledged = []
+    said = io.StringIO()
+
+    def on_stop_request():  # the host's bookkeeping comes after the STOP file and the message
+        acknowledged.append(((out_dir / "STOP").exists(), "stop requested" in said.getvalue()))
+
+    res = run_workers(plan, output_dir=str(out_dir), env=dict(os.environ), should_stop=should_stop,
+                      on_stop_request=on_stop_request, poll_interval=0.2, out=said, err=said)
     assert res.ok and res.stop_requested and res.result["stopped"] is True
     assert 0 < res.step < 600 and res.checkpoints
+    assert acknowledged == [(True, True)]
     assert not (out_dir / "STOP").exists()  # cleaned up after the run
 
 

@@ -274,6 +274,7 @@ def _run_job(cfg: TrainConfig, reporter, *, gpu_count, poll_interval, log) -> in
         on_metrics=reporter.metrics,
         on_checkpoint=reporter.checkpoint,
         should_stop=reporter.should_stop,
+        on_stop_request=getattr(reporter, "acknowledge_stop", None),
         poll_interval=poll_interval,
     )
     if res.interrupted:

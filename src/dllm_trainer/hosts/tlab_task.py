@@ -250,10 +250,12 @@ class TaskReporter(WorkspaceHost):
         self._warned: set[str] = set()
         self._checkpoints: list[str] = []  # as recorded in the job
         self._stopping = False
+        self._stop_acknowledged = False
         # lab.init() sets the status RUNNING, also over a STOPPING the app set before we started
         # (Stop pressed while Python was starting): read the stop flag now, so the job says STOPPED
         # before the app's SIGKILL can end this process with the status still RUNNING.
-        self.should_stop()
+        if self.should_stop():
+            self.acknowledge_stop()
 
     # ---- job state ---------------------------------------------------------------------------
     @property
@@ -320,15 +322,20 @@ class TaskReporter(WorkspaceHost):
             stop = bool(flag) or state.get("status") in ("STOPPING", "STOPPED")
         if stop:
             self._stopping = True
-            # The app kills every process 3 s after its stop signal, which may come before our
-            # final word: the job says STOPPED (with the checkpoint it has) from now on.
-            latest = os.path.basename(self._checkpoints[-1].rstrip("/")) if self._checkpoints else None
-            try:
-                self.stopped("stop requested; the workers save a checkpoint after the current step"
-                             + (f" (latest checkpoint so far: {latest})" if latest else ""))
-            except Exception as e:  # noqa: BLE001
-                self._warn_once("mark the job stopped", e)
         return stop
+
+    def acknowledge_stop(self) -> None:
+        """After the launcher has written the STOP file and said so (the app's SIGKILL comes 3 s after
+        its signal, so those go first): the job says STOPPED, with the checkpoint it has, from now on."""
+        if self._stop_acknowledged:
+            return
+        self._stop_acknowledged = True
+        latest = os.path.basename(self._checkpoints[-1].rstrip("/")) if self._checkpoints else None
+        try:
+            self.stopped("stop requested; the workers save a checkpoint after the current step"
+                         + (f" (latest checkpoint so far: {latest})" if latest else ""))
+        except Exception as e:  # noqa: BLE001
+            self._warn_once("mark the job stopped", e)
 
     def complete(self, message: str, score: dict) -> None:
         self._save_tensorboard()

@@ -589,6 +589,7 @@ def run_workers(
     on_metrics: Callable[[dict], None] | None = None,
     on_checkpoint: Callable[[str, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_stop_request: Callable[[], None] | None = None,
     poll_interval: float = 1.0,
     stop_grace: float = 600.0,
     exit_grace: float = 15.0,
@@ -729,9 +730,10 @@ def run_workers(
         if stop_at is None:
             stop_at = time.monotonic()
             res.stop_requested = True
-            with open(stop_path, "w") as fh:  # first the file, then the message
+            with open(stop_path, "w") as fh:  # first the file, then the message, then the host's bookkeeping
                 fh.write("stop requested\n")
             say(message)
+            safe(on_stop_request)
 
     try:
         with ctrl_c:
@@ -775,6 +777,7 @@ def run_workers(
                             stop_at = now
                             res.stop_requested = True
                             say("[dllm] stop requested: the workers save a checkpoint and stop")
+                            safe(on_stop_request)
                         if proc.returncode != 0 and stop_at is None:
                             # A failed launcher must not leave workers behind (they may hold the pipes open).
                             tree.terminate(grace=5.0)
