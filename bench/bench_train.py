@@ -76,7 +76,7 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (both variants)")
     ap.add_argument("--ce-chunk-size", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch intra-op threads in the workers (0: what training uses, dllm_trainer.training.train.default_cpu_threads)")
+                    help="torch intra-op threads in the workers (0: what training uses, dllm_trainer.training.cpu.default_cpu_threads)")
     ap.add_argument("--threads-check", action="store_true",
                     help="also time our packed step with the chosen threads vs torch's default (one per core), interleaved")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s for MFU (H100 bf16: 989)")
@@ -184,7 +184,7 @@ def run_worker(args) -> dict:
     threads = args.threads
     if device.type == "cpu":
         if not threads:
-            from dllm_trainer.training.train import default_cpu_threads
+            from dllm_trainer.training.cpu import default_cpu_threads
 
             threads = default_cpu_threads()
         torch.set_num_threads(threads)
@@ -410,7 +410,7 @@ def main(argv=None) -> int:
 
     if args.device == "cpu" and not args.threads:
         # Chosen ONCE here (from the load now) and passed to every worker: all variants use the same.
-        from dllm_trainer.training.train import default_cpu_threads
+        from dllm_trainer.training.cpu import default_cpu_threads
 
         args.threads = default_cpu_threads()
     if args.device == "cpu":

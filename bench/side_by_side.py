@@ -202,6 +202,11 @@ def instrument_trainer_class(regions: Regions, cls, batch_log: list):
 def summarise_record(record: dict, short: int, long: int) -> dict:
     snaps = record.get("snapshots", {})
     out = {"global_step": record.get("global_step"), "log_history": record.get("log_history", [])}
+    ends, begin = record.get("step_end_s"), record.get("train_begin_s")
+    if ends and begin:  # where a run's wall time went: before training, the steps, after the last step
+        out["phases_s"] = {"start": begin - record["worker_start_s"], "steps": ends[-1] - begin,
+                           "first_steps_to_short": ends[min(short, len(ends)) - 1] - begin,
+                           "end": time.perf_counter() - ends[-1]}
     if str(short) in snaps and str(long) in snaps:
         (t0, r0), (t1, r1) = snaps[str(short)], snaps[str(long)]
         window = t1 - t0
@@ -218,9 +223,24 @@ def summarise_record(record: dict, short: int, long: int) -> dict:
 # ---- workers ------------------------------------------------------------------------------------------
 def worker_ours(a, record: dict) -> dict:
     os.environ["DLLM_CPU_THREADS"] = str(a.threads)
+    from dllm_trainer.config import TrainConfig
+    from dllm_trainer.training.train import leave_out_bitsandbytes
+
+    raw = {
+        "model_name": str(a.workload / "model"), "dataset_name": str(a.workload / "data.jsonl"),
+        "output_dir": a.run_dir, "training_method": "llada", "train_device": "cpu", "lora": False,
+        "batch_size": a.batch_size, "max_length": a.max_length, "learning_rate": a.lr,
+        "learning_rate_schedule": "constant", "eval_strategy": "no", "seed": a.seed,
+        "num_train_epochs": 0, "train_steps": a.run_steps,
+    }
+    for kv in a.ours:
+        k, _, v = kv.partition("=")
+        raw[k.strip()] = v.strip()
+    cfg = TrainConfig.from_dict(raw)
+    leave_out_bitsandbytes(cfg)  # as our worker entry point does, before transformers' Trainer is imported
+
     import dllm_trainer.models.output_head as output_head
     import dllm_trainer.training.trainer as trainer_mod
-    from dllm_trainer.config import TrainConfig
     from dllm_trainer.models.llada import LLaDAModel, LLaDAModelLM
     from dllm_trainer.training.train import run_training
 
@@ -234,23 +254,13 @@ def worker_ours(a, record: dict) -> dict:
     if hasattr(output_head, "fused_linear_cross_entropy"):
         regions.patch(output_head, "fused_linear_cross_entropy", "head_ce")
     del LLaDAModel  # the head runs inside _head_and_ce here
-    raw = {
-        "model_name": str(a.workload / "model"), "dataset_name": str(a.workload / "data.jsonl"),
-        "output_dir": a.run_dir, "training_method": "llada", "train_device": "cpu", "lora": False,
-        "batch_size": a.batch_size, "max_length": a.max_length, "learning_rate": a.lr,
-        "learning_rate_schedule": "constant", "eval_strategy": "no", "seed": a.seed,
-        "num_train_epochs": 0, "train_steps": a.run_steps,
-    }
-    for kv in a.ours:
-        k, _, v = kv.partition("=")
-        raw[k.strip()] = v.strip()
-    cfg = TrainConfig.from_dict(raw)
     clock = make_step_clock(regions, a.short, a.long, record)
     result = run_training(cfg, log=lambda *x: None, extra_callbacks=[clock])
     import torch
 
     return {"config": {k: v for k, v in raw.items() if k not in ("output_dir",)}, "threads": torch.get_num_threads(),
-            "batches": batches, "final_loss": result.metrics.get("loss")}
+            "batches": batches, "final_loss": result.metrics.get("loss"),
+            "bitsandbytes_imported": sys.modules.get("bitsandbytes") is not None}
 
 
 def _recipe_rows(workload: Path, tokenizer, max_length: int):
@@ -431,7 +441,7 @@ def worker_main(argv) -> int:
     ap.add_argument("--result", required=True)
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
-    record: dict = {}
+    record: dict = {"worker_start_s": time.perf_counter()}
     fn = {"ours": worker_ours, "dllm-recipe": worker_recipe, "dllm": worker_dllm}[a.worker]
     extra = fn(a, record)
     res = {**extra, **summarise_record(record, a.short, a.long)}
@@ -453,7 +463,9 @@ def run_one(a, side: str, steps: int, workdir: Path) -> dict:
     for kv in a.ours:
         cmd += ["--ours", kv]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false",
-               HF_DATASETS_DISABLE_PROGRESS_BARS="1", PYTHONUNBUFFERED="1", HF_DATASETS_CACHE=str(workdir / "hf_cache"))
+               HF_DATASETS_DISABLE_PROGRESS_BARS="1", PYTHONUNBUFFERED="1", HF_DATASETS_CACHE=str(run_dir / "hf_cache"))
+    # (each run its own datasets cache: a cache shared by the LONG and SHORT runs made the second
+    # one skip tokenising and caching, which the difference then charged to the steps)
     if side == "ours":
         env.update(a.ours_env)
     if side == "dllm":
@@ -475,6 +487,9 @@ def run_one(a, side: str, steps: int, workdir: Path) -> dict:
             "peak_rss_mib": usage.ru_maxrss / 1024, **res}
 
 
+KEPT_WORKER_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
 def launcher_env(a) -> dict[str, str]:
     """What dllm_trainer's launcher sets for a one-process CPU job (bar the thread count, set for all)."""
     sys.path.insert(0, str(ROOT / "src"))
@@ -483,11 +498,11 @@ def launcher_env(a) -> dict[str, str]:
 
     cfg = TrainConfig.from_dict({"model_name": str(a.workload / "model"), "dataset_name": str(a.workload / "data.jsonl"),
                                  "training_method": "llada", "train_device": "cpu"})
-    base = {"OMP_NUM_THREADS": str(a.threads)}
-    if "OMP_WAIT_POLICY" in os.environ:  # the launcher keeps a user's own setting (empty: libgomp's default)
-        base["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
+    base = {"OMP_NUM_THREADS": str(a.threads), "DLLM_CPU_THREADS": str(a.threads)}
+    # the launcher keeps a user's own settings (an empty OMP_WAIT_POLICY: libgomp's default)
+    base.update({k: v for k, v in os.environ.items() if k in KEPT_WORKER_SETTINGS})
     env = build_launch(cfg, "unused.json", base_env=base).env
-    return {k: v for k, v in env.items() if v is not None and k != "OMP_NUM_THREADS"}
+    return {k: v for k, v in env.items() if v is not None and k not in ("OMP_NUM_THREADS", "DLLM_CPU_THREADS")}
 
 
 def _median_of(runs, key):
@@ -565,7 +580,7 @@ def main(argv) -> int:
     a.workload = resolve_workload(a.workload, a.vocab)
     if not a.threads:
         sys.path.insert(0, str(ROOT / "src"))
-        from dllm_trainer.training.train import default_cpu_threads
+        from dllm_trainer.training.cpu import default_cpu_threads
 
         a.threads = default_cpu_threads()
 

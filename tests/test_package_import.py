@@ -70,3 +70,25 @@ def test_checking_a_bert_job_does_not_import_model_code(tmp_path, minilm):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "gpu_ids" in proc.stderr or "no CUDA GPU is visible" in proc.stderr, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_worker_without_4bit_leaves_bitsandbytes_out():
+    """peft (imported by transformers' Trainer) imports bitsandbytes when installed, and that imports
+    torch's compiler stack; a worker that loads nothing in 4-bit keeps it out (less memory)."""
+    code = (
+        "import sys\n"
+        "from dllm_trainer.config import TrainConfig\n"
+        "from dllm_trainer.training.train import leave_out_bitsandbytes\n"
+        "cfg = TrainConfig.from_dict({'model_name': 'm', 'dataset_name': 'd.jsonl', 'train_device': '%s', "
+        "'load_in_4bit': %s})\n"
+        "leave_out_bitsandbytes(cfg)\n"
+        "import transformers.trainer, peft, dllm_trainer.training.trainer\n"
+        "from peft.import_utils import is_bnb_available\n"
+        "print(sys.modules.get('bitsandbytes') is not None, is_bnb_available())\n"
+    )
+    plain = run_python(code % ("cpu", "False"))
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert plain.stdout.split() == ["False", "False"]
+    quantised = run_python(code % ("cuda", "True"))
+    assert quantised.returncode == 0, quantised.stderr[-2000:]
+    assert quantised.stdout.split() == ["True", "True"]

@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
+from .cpu import cpu_worker_env
 from .events import EVENT_PREFIX, STOP_FILE, CtrlCStops, describe_metrics, parse_event
 from ..config import TrainConfig
 from ..errors import ERROR_PREFIX, ConfigError, UserError
@@ -114,10 +115,12 @@ def build_launch(
     python: str | None = None,
     base_env: dict[str, str] | None = None,
     tpu_available: bool | None = None,
+    idle_cpus: float | None = None,
 ) -> LaunchPlan:
     """The `accelerate launch` command for this job; ConfigError for impossible hardware settings.
 
-    gpu_count / tpu_available / base_env default to what this machine has (tests pass them)."""
+    gpu_count / tpu_available / base_env / idle_cpus (idle cores now) default to what this machine
+    has (tests pass them)."""
     base_env = dict(os.environ if base_env is None else base_env)
     python = python or sys.executable
     machines = cfg.num_machines
@@ -209,17 +212,15 @@ def build_launch(
             args += ["--multi_gpu", "--num_processes", str(world), "--num_machines", str(machines)]
             env["CUDA_VISIBLE_DEVICES"] = ""
         env["ACCELERATE_USE_CPU"] = "true"
-        if "OMP_NUM_THREADS" not in base_env:
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // per_machine))
-        # Idle OpenMP threads that spin steal the cores other workers need (measured: a 2-core
-        # box ran training steps 4.5x slower with spinning threads); must be set before start.
-        if "OMP_WAIT_POLICY" not in base_env:
-            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        # threads and OpenMP waiting for the machine as it is now (cpu.py)
+        env.update(cpu_worker_env(base_env, per_machine, idle=idle_cpus))
         if config_file:
             args = ["--config_file", config_file] + args
         desc = f"{per_machine} CPU process{'es' if per_machine != 1 else ''}"
         if layout is not None and layout.kind == "fsdp" and world > 1:
             desc += f" with {layout.name}"
+        threads = env["DLLM_CPU_THREADS"]
+        desc += f", {threads} thread{'s' if threads != '1' else ''} each"
     elif cfg.train_device == "tpu":
         if tpu_available is None:
             import importlib.util

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ..config import TrainConfig
 from ..errors import UserError
+from .cpu import default_cpu_threads
 
 
 @dataclass
@@ -59,35 +60,6 @@ def _checkpoint_step(path: str) -> int:
 
 def _is_main_worker() -> bool:
     return os.environ.get("RANK", "0") == "0"
-
-
-def default_cpu_threads(local_workers: int | None = None) -> int:
-    """Intra-op threads for CPU training: the cores this worker may use that other work leaves free.
-
-    PyTorch's default (one thread per core) lets OpenMP threads spin-wait at every op; when the
-    cores are busy with other processes a descheduled thread stalls the rest, which measured 4x
-    slower per training step at the bench model size and ~40x at tiny sizes on a loaded 2-core box
-    (bench/README.md). So: DLLM_CPU_THREADS if set (exact); else the cores of this process's
-    affinity mask shared among the local workers (LOCAL_WORLD_SIZE), capped by OMP_NUM_THREADS
-    when set, minus what the 1-minute load average says other processes are using; at least 1.
-    """
-    explicit = os.environ.get("DLLM_CPU_THREADS", "").strip()
-    if explicit.isdigit() and int(explicit) > 0:
-        return int(explicit)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    workers = max(1, local_workers or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    share = max(1, cores // workers)
-    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if omp.isdigit() and int(omp) > 0:
-        share = min(share, int(omp))
-    try:
-        free = (cores - os.getloadavg()[0]) / workers
-    except OSError:
-        free = share
-    return max(1, min(share, int(free + 0.5)))
 
 
 def build_training_args(cfg: TrainConfig, dtype, *, has_eval: bool):
@@ -387,6 +359,15 @@ def _final_eval(trainer, cfg: TrainConfig) -> dict:
     return {k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
 
 
+def leave_out_bitsandbytes(cfg: TrainConfig) -> None:
+    """Without 4-bit loading nothing here needs bitsandbytes, yet peft (which transformers' Trainer
+    imports) imports it when it is installed, and it imports torch's compiler stack: 50-115 MiB
+    more resident memory in every worker. Marked absent before those imports, it stays out
+    (``importlib.util.find_spec`` then answers None, so peft and transformers see no bitsandbytes)."""
+    if not cfg.load_in_4bit and "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None
+
+
 def worker_main(argv: list[str] | None = None) -> int:
     """Entry point of one accelerate worker."""
     ap = argparse.ArgumentParser(prog="python -m dllm_trainer.training.train")
@@ -405,6 +386,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     try:
         with open(args.config_json) as fh:
             cfg = TrainConfig.from_dict(json.load(fh), strict=False)
+        leave_out_bitsandbytes(cfg)
         run_training(cfg)
         return 0
     except UserError as e:
