@@ -12,6 +12,11 @@ import pytest
 # processes: test_package_import.py).
 import dllm_trainer.models  # noqa: E402,F401
 
+# Training workers launched by tests run one thread each (the launcher would count the cores idle
+# at each launch, training/cpu.py, tested on its own): runs that are compared with each other then
+# use the same thread count, and tiny models do not pay for OpenMP teams.
+os.environ.setdefault("DLLM_CPU_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("DLLM_FIXTURES", REPO / "tests" / "fixtures"))
 
