@@ -28,7 +28,14 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 
 from .kv_cache import BlockKVCache, plan_forward, splice
-from .output_head import DiffusionLMOutput, QueryRows, check_forward_kwargs, linear_head_of, output_head_fields
+from .output_head import (
+    DiffusionLMOutput,
+    QueryRows,
+    check_forward_kwargs,
+    linear_head_of,
+    output_head_fields,
+    prunes_last_block,
+)
 from .serialization import full_diff_dict
 from .swiglu import swiglu
 
@@ -321,11 +328,7 @@ class DreamModel(PreTrainedModel):
     ):
         check_forward_kwargs(labels, output_attentions, kwargs)
         # Only the selected positions feed the head: the last layer computes just those rows.
-        # (Not under torch.compile: the per-sequence query width is data-dependent and would split
-        # the graph; compiled models keep one graph for every batch.)
-        prune = (output_positions is not None and past_key_values is None and not use_cache
-                 and not output_hidden_states and output_positions.numel() > 0
-                 and not torch.compiler.is_compiling())
+        prune = prunes_last_block(output_positions, past_key_values, use_cache, output_hidden_states)
         hidden, cache, all_hidden = self.model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,

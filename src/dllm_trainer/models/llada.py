@@ -38,6 +38,7 @@ from .output_head import (
     check_forward_kwargs,
     linear_head_of,
     output_head_fields,
+    prunes_last_block,
 )
 from .serialization import full_diff_dict
 from .swiglu import swiglu
@@ -510,11 +511,7 @@ class LLaDAModelLM(PreTrainedModel):
     ):
         check_forward_kwargs(labels, output_attentions, kwargs)
         # Only the selected positions feed the head: the last block computes just those rows.
-        # (Not under torch.compile: the per-sequence query width is data-dependent and would split
-        # the graph; compiled models keep one graph for every batch.)
-        prune = (output_positions is not None and past_key_values is None and not use_cache
-                 and not output_hidden_states and output_positions.numel() > 0
-                 and not torch.compiler.is_compiling())
+        prune = prunes_last_block(output_positions, past_key_values, use_cache, output_hidden_states)
         hidden, cache, all_hidden = self.model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,

@@ -293,6 +293,16 @@ class QueryRows:
         return att.reshape(att.shape[0], -1)
 
 
+def prunes_last_block(output_positions, past_key_values, use_cache, output_hidden_states) -> bool:
+    """May the last block compute only the rows at ``output_positions`` (``QueryRows``)? Not with a
+    KV cache (every row's K/V is stored), hidden states requested, or no positions; and not under
+    torch.compile (the per-sequence query width is data-dependent and would split the graph;
+    compiled models keep one graph for every batch)."""
+    return (output_positions is not None and past_key_values is None and not use_cache
+            and not output_hidden_states and output_positions.numel() > 0
+            and not torch.compiler.is_compiling())
+
+
 def select_positions(hidden: torch.Tensor, output_positions: torch.Tensor) -> torch.Tensor:
     """Rows of ``hidden`` (``[B, L, D]``) at flat indices ``output_positions`` (into ``B * L``) -> ``[N, D]``."""
     check_positions(output_positions)
@@ -356,18 +366,6 @@ def output_head_fields(
         out["weighted_loss"] = (loss * target_weights.to(loss.device, torch.float32)).sum()
         out["token_loss"] = loss.detach()
     return out
-
-
-def apply_output_head(
-    hidden: torch.Tensor,
-    head: Callable[[torch.Tensor], torch.Tensor],
-    output_positions: Optional[torch.Tensor] = None,
-    target_ids: Optional[torch.Tensor] = None,
-    ce_chunk_size: int = 4096,
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``(logits, token_loss, token_correct)`` of ``output_head_fields`` (no weighted loss)."""
-    f = output_head_fields(hidden, head, output_positions, target_ids, ce_chunk_size)
-    return f["logits"], f["token_loss"], f["token_correct"]
 
 
 # token_type_ids: transformers 4 fast tokenizers return them by default; these models have no token types.
