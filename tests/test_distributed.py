@@ -126,3 +126,27 @@ def test_two_machines_on_loopback(one_worker, nodrop_bert, tmp_path):
     assert_same_steps(one_worker, logged(rank0["output_dir"]))
     assert (Path(rank0["output_dir"]) / "models" / "multi" / "model.safetensors").is_file()
     assert (Path(rank0["output_dir"]) / "dllm_config.machine1.json").is_file()
+
+
+_LEAVE = """
+import torch.distributed as dist
+from accelerate import PartialState
+from dllm_trainer.training.distributed import leave_process_group
+state = PartialState(cpu=True)
+before = dist.is_initialized()
+leave_process_group()
+print(f"rank {state.process_index}: group before {before}, after {dist.is_initialized()}", flush=True)
+"""
+
+
+def test_workers_leave_the_process_group_before_exiting(tmp_path):
+    """A worker destroys its process group when its run is done (after every rank got there), so
+    the interpreter's teardown does not meet gloo's threads still running."""
+    script = tmp_path / "leave.py"
+    script.write_text(_LEAVE)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), str(script)], env=clean_env(tmp_path),
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: group before True, after False" in proc.stdout

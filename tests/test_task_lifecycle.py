@@ -179,3 +179,50 @@ def test_task_stopped_while_starting_ends_stopped_not_failed(app):
     assert app.settle(job) == "STOPPED", job.log()[-3000:]
     data = app.job_json(job)["job_data"]
     assert data.get("live_status") != "Remote command crashed" and data.get("completion_status") != "failed"
+
+
+# Run in the app venv: lab.init() whose status update reads the job file mid-write. The SDK
+# rewrites index.json in place (truncate, then write) and reads a half-written file as {}; its
+# read-modify-write then saves only the field it set. CI saw it: the app set STOPPING while our
+# process started, and the job lost its parameters ("model_name is required").
+_INIT_AFTER_A_TORN_READ = r"""
+import json, sys
+import lab.labresource as res
+from lab import lab as sdk
+torn = {"left": 0}
+real_read = res.BaseLabResource.get_json_data
+async def read(self, *a, **k):
+    if torn["left"]:
+        torn["left"] -= 1
+        return {}
+    return await real_read(self, *a, **k)
+res.BaseLabResource.get_json_data = read
+from lab.job import Job
+real_status = Job.update_status
+async def update_status(self, status):
+    torn["left"] = 1 if status == "RUNNING" else 0  # the one lab.init() writes
+    return await real_status(self, status)
+Job.update_status = update_status
+from dllm_trainer.hosts.tlab_common import run_sdk
+from dllm_trainer.hosts.tlab_task import TaskReporter
+reporter = TaskReporter()
+config, _ = reporter.job_config()
+print(json.dumps({"config": config, "job_data": run_sdk(reporter.job.get_job_data())}))
+"""
+
+
+def test_task_keeps_its_parameters_when_the_job_file_is_torn_at_start(app):
+    import os
+    import subprocess
+
+    params = form(app)
+    info = app.sdk("create_job", experiment="exp1", job_data={"task_name": "dllm", "parameters": params})
+    env = dict(app.base_env, _TFL_JOB_ID=info["job_id"], _TFL_EXPERIMENT_ID="exp1", TFL_EXPERIMENT_ID="exp1",
+               PYTHONPATH=str(REPO / "src") + os.pathsep + app.base_env.get("PYTHONPATH", ""))
+    proc = subprocess.run([str(app.venv / "bin" / "python"), "-c", _INIT_AFTER_A_TORN_READ], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["config"]["model_name"] == "minilm" and out["config"]["train_steps"] == "3"
+    assert out["job_data"]["parameters"] == params and out["job_data"]["task_name"] == "dllm"
+    assert out["job_data"]["live_status"] == "Lab initialized"  # what init wrote after the tear is kept too

@@ -239,10 +239,12 @@ class TaskReporter(WorkspaceHost):
                             f">= {SDK_FLOOR}; this environment has {version}")
         self.sdk = sdk
         self.dirs = dirs
+        self._launch_job_data = self._job_data_before_init()
         try:
             sdk.init()
         except (FileNotFoundError, RuntimeError) as e:
             raise UserError(f"{APP_NAME} job {self.job_id} cannot be opened: {e}") from None
+        self._restore_lost_job_data()
         self.workspace = run_sdk(dirs.get_workspace_dir())
         self._metrics_supported = "metrics" in inspect.signature(sdk.update_progress).parameters
         self._last_percent = 0
@@ -262,14 +264,54 @@ class TaskReporter(WorkspaceHost):
     def job(self):
         return self.sdk.job
 
-    def job_config(self) -> tuple[dict, list[str]]:
-        # The app rewrites the job file in place (e.g. status STOPPING when Stop is pressed while we
-        # start); a read caught mid-write comes back empty ("Corrupt JSON ... treating as empty").
-        for _ in range(20):
-            params = self.sdk.get_config()
-            if params:
-                break
+    # The SDK rewrites the job file in place (truncate, then write) and reads a file caught mid-write
+    # as {} ("Corrupt JSON ... treating as empty"); its read-modify-write updates then save only the
+    # field they set. lab.init() makes three of them while the app may be writing too (Stop pressed
+    # while we start: stop flag, STOPPING), so the job's launch data is read before init and put
+    # back if init's writes lost it.
+    def _read_job_data(self, job) -> dict:
+        for _ in range(30):  # a torn read comes back {}; the writer is done within milliseconds
+            try:
+                data = run_sdk(job.get_job_data())
+            except Exception:  # noqa: BLE001 - as a torn read
+                data = None
+            if isinstance(data, dict) and data:
+                return data
             time.sleep(0.1)
+        return {}
+
+    def _job_data_before_init(self) -> dict:
+        experiment = os.environ.get("_TFL_EXPERIMENT_ID") or os.environ.get("TFL_EXPERIMENT_ID")
+        if not (self.job_id and experiment):
+            return {}
+        try:
+            from lab import Job
+
+            job = run_sdk(Job.get(self.job_id, experiment))
+        except Exception:  # noqa: BLE001 - init reports a job that cannot be opened
+            return {}
+        return self._read_job_data(job)
+
+    def _restore_lost_job_data(self) -> None:
+        now = self._read_job_data(self.job)
+        lost = {k: v for k, v in self._launch_job_data.items() if k not in now}
+        if lost:
+            self._log(f"[dllm] the job record lost {', '.join(sorted(lost))} to a write racing ours at start; "
+                      "restored from the launch")
+            try:
+                run_sdk(self.job.update_job_data_fields(lost))
+            except Exception as e:  # noqa: BLE001 - the parameters are still ours (job_config)
+                self._warn_once("restore the job record", e)
+
+    def job_config(self) -> tuple[dict, list[str]]:
+        params = self._launch_job_data.get("parameters")
+        if not isinstance(params, dict) or not params:
+            params = {}
+            for _ in range(20):  # a read caught mid-write comes back empty
+                params = self.sdk.get_config()
+                if params:
+                    break
+                time.sleep(0.1)
         return job_parameters(params)
 
     def _note(self, message: str) -> None:

@@ -225,6 +225,21 @@ def start_process_group(cfg) -> None:
     PartialState(cpu=cfg.train_device == "cpu")
 
 
+def leave_process_group() -> None:
+    """End a worker's part in the process group once its run is done: every rank waits for the
+    others, then the group is destroyed. A worker that exits with the group still up leaves gloo's
+    threads to the interpreter's teardown, which can abort the process ("terminate called without
+    an active exception", seen on a loaded CI box); the launcher then reports a failed job, and
+    torchrun's agents wait 300 s on an exit barrier the dead rank never reaches."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+        PartialState().destroy_process_group()
+
+
 def fsdp_requested() -> bool:
     """This worker was launched with an FSDP accelerate config (accelerate launch sets the variable)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"

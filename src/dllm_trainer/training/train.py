@@ -388,6 +388,9 @@ def worker_main(argv: list[str] | None = None) -> int:
             cfg = TrainConfig.from_dict(json.load(fh), strict=False)
         leave_out_bitsandbytes(cfg)
         run_training(cfg)
+        from .distributed import leave_process_group
+
+        leave_process_group()
         return 0
     except UserError as e:
         return report_user_error(e)
