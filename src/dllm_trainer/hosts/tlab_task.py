@@ -293,6 +293,8 @@ class TaskReporter(WorkspaceHost):
         return self._read_job_data(job)
 
     def _restore_lost_job_data(self) -> None:
+        if not self._launch_job_data:
+            return
         now = self._read_job_data(self.job)
         lost = {k: v for k, v in self._launch_job_data.items() if k not in now}
         if lost:
