@@ -22,6 +22,14 @@ Runs, each a FRESH process (wall clock and peak RSS of the whole process, from o
                 run unmodified by ``DLLM_PYTHON`` (default: this interpreter; dllm pins
                 transformers 4.57, so usually a separate venv) with the same settings.
 
+On a GPU (``--device cuda``) every side runs on CUDA device 0 in its GPU defaults: ours with the
+form's ``dtype`` (auto: bfloat16 where supported), the recipe and the real dllm with dllm's
+(weights loaded in bfloat16, ``bf16=True``). Memory is then the peak of
+``torch.cuda.max_memory_allocated`` in each run, and each side gets an MFU: model FLOPs
+``6 * parameters * positions computed per step`` (positions = its batches' padded shape, the
+standard dense count; ours computes the head only at masked positions, so for it this counts FLOPs
+it skipped) over s/step and ``--peak-tflops``.
+
 Seconds per step = (wall(long run) - wall(short run)) / (long - short) steps (``--steps 100,50``):
 everything a run pays once (imports, loading, tokenising, the final save) cancels, and so do
 fraction-based schedules (both save checkpoints at fixed fractions of the run). Each run also
@@ -228,7 +236,7 @@ def worker_ours(a, record: dict) -> dict:
 
     raw = {
         "model_name": str(a.workload / "model"), "dataset_name": str(a.workload / "data.jsonl"),
-        "output_dir": a.run_dir, "training_method": "llada", "train_device": "cpu", "lora": False,
+        "output_dir": a.run_dir, "training_method": "llada", "train_device": a.device, "lora": False,
         "batch_size": a.batch_size, "max_length": a.max_length, "learning_rate": a.lr,
         "learning_rate_schedule": "constant", "eval_strategy": "no", "seed": a.seed,
         "num_train_epochs": 0, "train_steps": a.run_steps,
@@ -347,7 +355,8 @@ def worker_recipe(a, record: dict) -> dict:
 
     model_dir = a.workload / "model"
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="right")
-    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+    gpu = a.device == "cuda"  # dllm's GPU defaults: weights in bfloat16 (ModelArguments.dtype), bf16=True
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.bfloat16 if gpu else torch.float32)
     train = _recipe_rows(a.workload, tokenizer, a.max_length)
     base = DataCollatorForSeq2Seq(tokenizer, return_tensors="pt", padding=True,
                                   label_pad_token_id=tokenizer.pad_token_id)  # trains on the EOS padding
@@ -359,7 +368,7 @@ def worker_recipe(a, record: dict) -> dict:
 
     args = TrainingArguments(
         output_dir=a.run_dir, per_device_train_batch_size=a.batch_size, learning_rate=a.lr,
-        lr_scheduler_type="constant", max_steps=a.run_steps, seed=a.seed, report_to=[], use_cpu=True,
+        lr_scheduler_type="constant", max_steps=a.run_steps, seed=a.seed, report_to=[], use_cpu=not gpu, bf16=gpu,
         eval_strategy="no", train_sampling_strategy="random",
         # dllm's TrainingArguments defaults: log every 10 steps, save the model every 10% of the run
         logging_steps=10, save_strategy="steps", save_steps=0.1, save_only_model=True, disable_tqdm=True,
@@ -417,8 +426,10 @@ def worker_dllm(a, record: dict) -> dict:
                 "--output_dir", str(Path(a.run_dir) / "out"), "--max_length", str(a.max_length),
                 "--per_device_train_batch_size", str(a.batch_size), "--learning_rate", str(a.lr),
                 "--lr_scheduler_type", "constant", "--max_steps", str(a.run_steps), "--seed", str(a.seed),
-                "--eval_strategy", "no", "--group_by_length", "False", "--bf16", "False", "--dtype", "float32",
-                "--report_to", "none", "--num_proc", "1", "--use_cpu", "True", "--disable_tqdm", "True"]
+                "--eval_strategy", "no", "--group_by_length", "False",
+                "--report_to", "none", "--num_proc", "1", "--disable_tqdm", "True"]
+    if a.device == "cpu":  # on a GPU: dllm's defaults (bfloat16 weights, bf16=True)
+        sys.argv += ["--bf16", "False", "--dtype", "float32", "--use_cpu", "True"]
     runpy.run_path(str(src / DLLM_SFT), run_name="__main__")
     return {"threads": torch.get_num_threads(), "dllm_src": str(src), "transformers": transformers.__version__,
             "argv": sys.argv[1:]}
@@ -437,6 +448,7 @@ def worker_main(argv) -> int:
     ap.add_argument("--lr", type=float, required=True)
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--ours", action="append", default=[])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--result", required=True)
     a = ap.parse_args(argv)
@@ -445,6 +457,10 @@ def worker_main(argv) -> int:
     fn = {"ours": worker_ours, "dllm-recipe": worker_recipe, "dllm": worker_dllm}[a.worker]
     extra = fn(a, record)
     res = {**extra, **summarise_record(record, a.short, a.long)}
+    if a.device == "cuda":
+        import torch
+
+        res["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     with open(a.result, "w") as fh:
         json.dump(res, fh)
     return 0
@@ -459,7 +475,8 @@ def run_one(a, side: str, steps: int, workdir: Path) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--worker", side, "--workload", str(a.workload),
            "--run-steps", str(steps), "--short", str(a.short), "--long", str(a.long), "--threads", str(a.threads),
            "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--lr", str(a.lr),
-           "--seed", str(a.seed), "--run-dir", str(run_dir / "run"), "--result", str(run_dir / "result.json")]
+           "--seed", str(a.seed), "--device", a.device, "--run-dir", str(run_dir / "run"),
+           "--result", str(run_dir / "result.json")]
     for kv in a.ours:
         cmd += ["--ours", kv]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false",
@@ -531,11 +548,37 @@ def side_summary(runs: list[dict], short: int, long: int) -> dict:
     profs = [r["profile_s_per_step"] for r in by[long] if "profile_s_per_step" in r]
     if profs:
         out["profile_s_per_step"] = {k: statistics.median(p[k] for p in profs) for k in profs[0]}
+    if any("peak_gpu_mib" in r for r in by[long]):
+        out["peak_gpu_mib"] = _median_of(by[long], "peak_gpu_mib")
     batches = [b for r in by[long] for b in r.get("batches", [])[short:long]]
     if batches:
         out["tokens_computed_per_step"] = statistics.mean(b["shape"][0] * b["shape"][1] for b in batches)
         out["trainable_tokens_per_step"] = statistics.mean(b["trainable"] for b in batches)
     return out
+
+
+def model_flops_utilization(n_params: int, positions_per_step: float, s_per_step: float, peak_tflops: float) -> float:
+    """6 * N * positions FLOPs per step (forward 2N + backward 4N per position) over the peak."""
+    return 6.0 * n_params * positions_per_step / s_per_step / (peak_tflops * 1e12)
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Parameters of a safetensors checkpoint (model.safetensors or its shards), from the headers."""
+    import math
+
+    from safetensors import safe_open
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = [model_dir / "model.safetensors"]
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                total += math.prod(st.get_slice(name).get_shape())
+    return total
 
 
 def main(argv) -> int:
@@ -556,6 +599,10 @@ def main(argv) -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
                     help="override one of our config fields (e.g. pack_sequences=true); repeatable")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: every side on GPU 0 in its GPU defaults (bf16); memory = peak GPU memory; adds MFU")
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="the GPU's peak dense TFLOP/s in the training dtype, for MFU (H100/H200 bf16: 989)")
     ap.add_argument("--no-dllm", action="store_true", help="skip the real dllm run even when DLLM_SRC is set")
     ap.add_argument("--keep", action="store_true", help="keep the runs' output folders and logs")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_side_by_side.json"))
@@ -571,6 +618,11 @@ def main(argv) -> int:
     for kv in a.ours:
         if "=" not in kv:
             ap.error(f"--ours takes KEY=VALUE, got {kv!r}")
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: this machine has no CUDA device torch can use")
     dllm_src = os.environ.get("DLLM_SRC", "").strip()
     sides = ["ours", "dllm-recipe"]
     if dllm_src and not a.no_dllm:
@@ -590,7 +642,8 @@ def main(argv) -> int:
     print(f"workload {wl['path']}: vocab {wl['vocab_size']}, d_model {wl['d_model']}, {wl['n_layers']} layers, "
           f"{wl['rows']} rows", flush=True)
     print(f"settings: batch {a.batch_size}, max_length {a.max_length}, lr {a.lr:g} constant, eval off, seed {a.seed}, "
-          f"fp32 CPU, {a.threads} torch thread(s) in every run; runs of {a.long} and {a.short} steps, "
+          f"{'bf16 GPU' if a.device == 'cuda' else 'fp32 CPU'}, {a.threads} torch thread(s) in every run; "
+          f"runs of {a.long} and {a.short} steps, "
           f"{a.repeats} round(s); our overrides: {', '.join(a.ours) or 'none'}; our worker environment: "
           f"{' '.join(f'{k}={v}' for k, v in sorted(a.ours_env.items()))}", flush=True)
     started = time.perf_counter()
@@ -616,11 +669,19 @@ def main(argv) -> int:
     for s in sides[1:]:
         key = "dllm_recipe" if s == "dllm-recipe" else "dllm"
         ratios[f"speedup_vs_{key}"] = summary[s]["s_per_step"] / ours["s_per_step"]
-        ratios[f"memory_ratio_vs_{key}"] = ours["peak_rss_mib"] / summary[s]["peak_rss_mib"]
+        memory = "peak_gpu_mib" if a.device == "cuda" else "peak_rss_mib"
+        ratios[f"memory_ratio_vs_{key}"] = ours[memory] / summary[s][memory]
     # the same ratios from CPU seconds (user + system) per step: on a loaded machine with one thread
     # per run a steadier figure than wall time; reported beside, never instead
     cpu_ratios = {f"cpu_speedup_vs_{'dllm_recipe' if s == 'dllm-recipe' else 'dllm'}":
                   summary[s]["cpu_s_per_step"] / ours["cpu_s_per_step"] for s in sides[1:]}
+
+    if a.device == "cuda":
+        n_params = count_parameters(a.workload / "model")
+        for s in sides:
+            if "tokens_computed_per_step" in summary[s]:
+                summary[s]["mfu"] = model_flops_utilization(n_params, summary[s]["tokens_computed_per_step"],
+                                                            summary[s]["s_per_step"], a.peak_tflops)
 
     print()
     names = {"ours": "ours (llada)", "dllm-recipe": "dllm-recipe", "dllm": "dllm (real)"}
@@ -628,9 +689,11 @@ def main(argv) -> int:
         x = summary[s]
         toks = (f"  tokens/step computed {x['tokens_computed_per_step']:.0f}, trainable {x['trainable_tokens_per_step']:.0f}"
                 if "tokens_computed_per_step" in x else "")
+        gpu = (f"  peak GPU memory {x['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in x else "") + (
+            f"  MFU {x['mfu']:.3f}" if "mfu" in x else "")
         print(f"{names[s]:13s} {x['s_per_step']:.3f} s/step (window {x['window_s_per_step'] or float('nan'):.3f}, "
               f"cpu {x['cpu_s_per_step']:.3f})  "
-              f"peak RSS {x['peak_rss_mib']:.0f} MiB{toks}")
+              f"peak RSS {x['peak_rss_mib']:.0f} MiB{gpu}{toks}")
     for s in ("ours", "dllm-recipe"):
         p = summary[s].get("profile_s_per_step")
         if p:

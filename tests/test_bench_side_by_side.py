@@ -79,3 +79,31 @@ def test_side_by_side_refuses_a_missing_workload_without_a_generator(tmp_path):
          "dllm-recipe"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "does not exist" in proc.stderr and "DLLM_WORKLOAD_TOOL" in proc.stderr
+
+
+def test_side_by_side_on_a_gpu_says_when_there_is_none(tmp_path, llada_tiny):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    wl = tmp_path / "wl"
+    write_tiny_workload(wl, llada_tiny)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_train.py"), str(wl), "--baseline", "dllm-recipe", "--device", "cuda"],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "--device cuda: this machine has no CUDA device torch can use"
+
+
+def test_mfu_counts_six_flops_per_parameter_and_position(llada_tiny):
+    sys.path.insert(0, str(REPO / "bench"))
+    import side_by_side
+    from transformers import AutoModel
+
+    import dllm_trainer.models  # noqa: F401 - registers our LLaDA with AutoModel
+
+    model = AutoModel.from_pretrained(str(llada_tiny))
+    n = sum(p.numel() for p in model.parameters())
+    assert side_by_side.count_parameters(llada_tiny) == n
+    # 1e9 parameters, 4096 positions in 0.5 s: 4.9152e13 FLOP/s of a 989 TFLOP/s peak
+    assert side_by_side.model_flops_utilization(10**9, 4096, 0.5, 989.0) == pytest.approx(6 * 4096 / 0.5 / 989e3)
