@@ -637,7 +637,7 @@ def main(argv) -> int:
         a.threads = default_cpu_threads()
 
     # Ours runs in the environment our launcher gives a CPU worker (e.g. passive OpenMP waits).
-    a.ours_env = launcher_env(a)
+    a.ours_env = launcher_env(a) if a.device == "cpu" else {}  # the launcher sets these for CPU workers only
     wl = workload_summary(a.workload)
     print(f"workload {wl['path']}: vocab {wl['vocab_size']}, d_model {wl['d_model']}, {wl['n_layers']} layers, "
           f"{wl['rows']} rows", flush=True)
