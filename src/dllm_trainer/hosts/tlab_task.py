@@ -306,15 +306,11 @@ class TaskReporter(WorkspaceHost):
                 self._warn_once("restore the job record", e)
 
     def job_config(self) -> tuple[dict, list[str]]:
-        params = self._launch_job_data.get("parameters")
-        if not isinstance(params, dict) or not params:
-            params = {}
-            for _ in range(20):  # a read caught mid-write comes back empty
-                params = self.sdk.get_config()
-                if params:
-                    break
-                time.sleep(0.1)
-        return job_parameters(params)
+        """``job_data.parameters`` (what ``lab.get_config()`` returns), as read at launch; read now
+        when the launch read had nothing (no experiment id in the environment)."""
+        data = self._launch_job_data or self._read_job_data(self.job)
+        params = data.get("parameters")
+        return job_parameters(params if isinstance(params, dict) else {})
 
     def _note(self, message: str) -> None:
         """A line in the job's own log (the app's job output), besides our stdout."""

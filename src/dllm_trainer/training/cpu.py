@@ -69,12 +69,18 @@ def idle_cores(cores: list[int] | None = None, sample_s: float = 0.2) -> float:
         return float(len(cores))
 
 
+def explicit_threads(env: Mapping[str, str]) -> int | None:
+    """DLLM_CPU_THREADS when set to a positive number, else None."""
+    value = env.get("DLLM_CPU_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def choose_threads(env: Mapping[str, str], workers: int, idle: float, cores: int) -> int:
     """Threads per worker: DLLM_CPU_THREADS if set (exact); else the cores shared among the local
     workers, capped by OMP_NUM_THREADS when set and by the idle cores; at least 1."""
-    explicit = env.get("DLLM_CPU_THREADS", "").strip()
-    if explicit.isdigit() and int(explicit) > 0:
-        return int(explicit)
+    explicit = explicit_threads(env)
+    if explicit:
+        return explicit
     workers = max(1, workers)
     share = max(1, cores // workers)
     omp = env.get("OMP_NUM_THREADS", "").strip()
@@ -104,8 +110,9 @@ def default_cpu_threads(local_workers: int | None = None) -> int:
     """Intra-op threads for CPU training in this process (``choose_threads`` for the machine now;
     the launcher has usually decided already and passed DLLM_CPU_THREADS)."""
     env = os.environ
-    if env.get("DLLM_CPU_THREADS", "").strip().isdigit() and int(env["DLLM_CPU_THREADS"]) > 0:
-        return int(env["DLLM_CPU_THREADS"])
+    explicit = explicit_threads(env)
+    if explicit:  # without sampling the cores for 0.2 s
+        return explicit
     cores = usable_cores()
     workers = local_workers or int(env.get("LOCAL_WORLD_SIZE", "1") or 1)
     return choose_threads(env, workers, idle_cores(cores), len(cores))
