@@ -200,7 +200,7 @@ res.BaseLabResource.get_json_data = read
 from lab.job import Job
 real_status = Job.update_status
 async def update_status(self, status):
-    torn["left"] = 1 if status == "RUNNING" else 0  # the one lab.init() writes
+    torn["left"] = int(sys.argv[1]) if status == "RUNNING" else 0  # the one lab.init() writes
     return await real_status(self, status)
 Job.update_status = update_status
 from dllm_trainer.hosts.tlab_common import run_sdk
@@ -211,7 +211,8 @@ print(json.dumps({"config": config, "job_data": run_sdk(reporter.job.get_job_dat
 """
 
 
-def test_task_keeps_its_parameters_when_the_job_file_is_torn_at_start(app):
+@pytest.mark.parametrize("torn_reads", [1, 100], ids=["retried", "outlasting-the-retries"])
+def test_task_keeps_its_parameters_when_the_job_file_is_torn_at_start(app, torn_reads):
     import os
     import subprocess
 
@@ -219,10 +220,15 @@ def test_task_keeps_its_parameters_when_the_job_file_is_torn_at_start(app):
     info = app.sdk("create_job", experiment="exp1", job_data={"task_name": "dllm", "parameters": params})
     env = dict(app.base_env, _TFL_JOB_ID=info["job_id"], _TFL_EXPERIMENT_ID="exp1", TFL_EXPERIMENT_ID="exp1",
                PYTHONPATH=str(REPO / "src") + os.pathsep + app.base_env.get("PYTHONPATH", ""))
-    proc = subprocess.run([str(app.venv / "bin" / "python"), "-c", _INIT_AFTER_A_TORN_READ], env=env,
+    proc = subprocess.run([str(app.venv / "bin" / "python"), "-c", _INIT_AFTER_A_TORN_READ, str(torn_reads)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["config"]["model_name"] == "minilm" and out["config"]["train_steps"] == "3"
     assert out["job_data"]["parameters"] == params and out["job_data"]["task_name"] == "dllm"
-    assert out["job_data"]["live_status"] == "Lab initialized"  # what init wrote after the tear is kept too
+    assert out["job_data"]["live_status"] == "Lab initialized"
+    if torn_reads == 1:  # retried: nothing init wrote before the torn read was lost
+        assert out["job_data"]["start_time"]
+    else:  # the update saved from {} wiped the record; the launch data was put back
+        assert "start_time" not in out["job_data"]
+        assert "restored from the launch" in proc.stdout

@@ -33,6 +33,7 @@ remote_trap.py):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -109,6 +110,41 @@ def install_stop_signal() -> None:
         signal.signal(signal.SIGTERM, handler)
     except (ValueError, OSError):  # pragma: no cover - not the main thread of the main interpreter
         pass
+
+
+# ---- the job file ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _torn_reads_retried(attempts: int = 40, wait_s: float = 0.05):
+    """While ``lab.init()`` runs: the SDK's reads of a job file caught mid-write are retried.
+
+    The SDK rewrites index.json in place (truncate, then write), reads a half-written file as {}
+    and saves its read-modify-write updates from that {}: one such update during init wiped the
+    job record, the app's stop flag and STOPPING with it (the stop signal itself is ignored while
+    Python starts, task.yaml `run`), and the stopped job ran on and ended COMPLETE. Every file
+    init reads exists and is non-empty, so {} there is always a torn read."""
+    try:
+        from lab.labresource import BaseLabResource
+    except ImportError:  # another SDK layout: its own reads
+        yield
+        return
+    import asyncio
+
+    original = BaseLabResource.get_json_data
+
+    async def get_json_data(self, *args, **kwargs):
+        data = {}
+        for _ in range(attempts):
+            data = await original(self, *args, **kwargs)
+            if data:
+                break
+            await asyncio.sleep(wait_s)
+        return data
+
+    BaseLabResource.get_json_data = get_json_data
+    try:
+        yield
+    finally:
+        BaseLabResource.get_json_data = original
 
 
 # ---- parameters -----------------------------------------------------------------------------------
@@ -241,7 +277,8 @@ class TaskReporter(WorkspaceHost):
         self.dirs = dirs
         self._launch_job_data = self._job_data_before_init()
         try:
-            sdk.init()
+            with _torn_reads_retried():
+                sdk.init()
         except (FileNotFoundError, RuntimeError) as e:
             raise UserError(f"{APP_NAME} job {self.job_id} cannot be opened: {e}") from None
         self._restore_lost_job_data()
