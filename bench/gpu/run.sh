@@ -48,14 +48,16 @@ if [ -d .gpu/dllm ] && [ -d .gpu/whl-dllm ]; then
     else
       echo "the real dllm does not import here (above): comparing with the recipe only"
     fi
+  else
+    echo "installing dllm's wheels failed (above): comparing with the recipe only"
   fi
 fi
 
 WL=${WORKLOAD_DIR:-/tmp/wl-gpu}
 if [ ! -f $WL/model/config.json ]; then
   t0=$SECONDS
-  # shellcheck disable=SC2086
   # with dllm's transformers 4.57 when it is there, so the tokenizer files name a class both sides load
+  # shellcheck disable=SC2086
   "${DLLM_PYTHON:-$PY}" .gpu/make_workload.py $WL $WORKLOAD_ARGS --fixture .gpu/fixture > "$OUT/make_workload.log" 2>&1 \
     || { tail -20 "$OUT/make_workload.log"; echo "make_workload.py failed"; exit 4; }
   echo "workload written in $((SECONDS - t0)) s: $(du -sh $WL | cut -f1)"
