@@ -666,10 +666,10 @@ def main(argv) -> int:
     summary = {s: side_summary(runs[s], a.short, a.long) for s in sides}
     ours = summary["ours"]
     ratios = {}
+    memory = "peak_gpu_mib" if a.device == "cuda" else "peak_rss_mib"
     for s in sides[1:]:
         key = "dllm_recipe" if s == "dllm-recipe" else "dllm"
         ratios[f"speedup_vs_{key}"] = summary[s]["s_per_step"] / ours["s_per_step"]
-        memory = "peak_gpu_mib" if a.device == "cuda" else "peak_rss_mib"
         ratios[f"memory_ratio_vs_{key}"] = ours[memory] / summary[s][memory]
     # the same ratios from CPU seconds (user + system) per step: on a loaded machine with one thread
     # per run a steadier figure than wall time; reported beside, never instead

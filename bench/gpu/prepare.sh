@@ -22,6 +22,10 @@ if [ -n "$DLLM_SRC" ] && [ ! -f "$DLLM_SRC/examples/llada/sft.py" ]; then
   echo "DLLM_SRC=$DLLM_SRC is not a dllm checkout (no examples/llada/sft.py)" >&2; exit 2
 fi
 [ -f "$SHARED_TOOL" ] || { echo "no workload generator at $SHARED_TOOL (set DLLM_WORKLOAD_TOOL)" >&2; exit 2; }
+# Ours: what the image lacks or has at another version, at the versions installed in our venv (setup.sh
+# installs requirements.txt's pins there; dill/multiprocess/fsspec are what those pins pulled in).
+mapfile -t OURS < <("$PY" -m pip freeze | grep -iE '^(transformers|peft|datasets|dill|multiprocess|fsspec)==')
+[ ${#OURS[@]} -eq 6 ] || { echo "expected transformers, peft, datasets, dill, multiprocess, fsspec in $PY's environment (bash setup.sh)" >&2; exit 2; }
 rm -rf "$OUT" && mkdir -p "$OUT/whl-ours" "$OUT/whl-dllm"
 
 download() {  # folder, requirement...: wheels for CPython $PY_VERSION on x86-64 Linux, no dependencies
@@ -31,9 +35,8 @@ download() {  # folder, requirement...: wheels for CPython $PY_VERSION on x86-64
     -d "$dest" "$@"
 }
 
-# Ours: the versions requirements.txt pins, for what the image lacks or has at another version.
-download "$OUT/whl-ours" transformers==5.24.0 peft==0.21.2 datasets==5.2.0 dill==0.4.1 \
-  multiprocess==0.70.19 fsspec==2026.9.0
+# Ours, at the versions found above
+download "$OUT/whl-ours" "${OURS[@]}"
 
 if [ -n "$DLLM_SRC" ]; then
   # dllm's own pins (its pyproject.toml) and what `import dllm` imports that the image lacks
