@@ -244,6 +244,26 @@ sys.exit(2)
     assert "launcher noise" in (tmp_path / "out" / "debug.log").read_text()
 
 
+def test_a_rank_killed_before_any_worker_error_keeps_the_launcher_traceback_off_the_log(tmp_path, capsys):
+    """torchrun may stop the other ranks before they say anything: its own 'failed (exitcode: -9)'
+    line names the cause, so the launcher's ChildFailedError traceback goes to debug.log."""
+    plan = fake(tmp_path, """
+import sys
+print("[E] failed (exitcode: -9) local_rank: 1 (pid: 4242) of binary: python", file=sys.stderr, flush=True)
+try:
+    raise RuntimeError("ChildFailedError noise")
+except RuntimeError:
+    import traceback; traceback.print_exc()
+sys.exit(1)
+""")
+    res = run_workers(plan, output_dir=str(tmp_path / "out"), env=dict(os.environ))
+    err = capsys.readouterr().err
+    assert not res.ok and res.returncode == 1
+    assert res.failure_reason().startswith("training worker rank 1 (pid 4242) was killed by SIGKILL")
+    assert "Traceback" not in err and "ChildFailedError noise" not in err
+    assert "ChildFailedError noise" in (tmp_path / "out" / "debug.log").read_text()
+
+
 def test_failure_without_worker_message_uses_the_last_telling_line(tmp_path):
     plan = fake(tmp_path, """
 import sys

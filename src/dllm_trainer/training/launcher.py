@@ -717,9 +717,11 @@ def run_workers(
             tail.append(line)
         if _TORCHRUN_FAILED.search(line):
             res.worker_deaths.append(line)  # kept whatever the tail's length
-        if name == "err" and res.error_lines and stripped.startswith("Traceback (most recent call last)"):
-            # accelerate/torchrun re-raise a worker's exit as their own traceback; the worker already
-            # said what went wrong, so the launcher's traceback goes to debug.log, not the live log
+        if (name == "err" and stripped.startswith("Traceback (most recent call last)")
+                and (res.error_lines or _killed_worker(res.worker_deaths))):
+            # accelerate/torchrun re-raise a worker's exit as their own traceback; the worker (or torchrun's
+            # line on a rank killed by a signal) already said what went wrong, so the launcher's traceback
+            # goes to debug.log, not the live log
             diverting = True
         if diverting and name == "err":
             _append_debug(output_dir, line)
